@@ -1,0 +1,1 @@
+"""Engine kinds: what an engine is, how it is installed, checked and launched. No Ray here."""

@@ -1,0 +1,96 @@
+"""Every Roundhouse setting in one typed registry.
+
+Each setting is read from the environment variable ``ROUNDHOUSE_<NAME>`` (upper
+case). ``Settings.from_env()`` reads them once; nothing else in the code base
+reads ``ROUNDHOUSE_*`` variables directly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PREFIX = "ROUNDHOUSE_"
+
+
+def _default_home() -> Path:
+    return Path(platformdirs.user_data_dir("roundhouse", appauthor=False))
+
+
+class SettingsError(ValueError):
+    """A ROUNDHOUSE_* variable holds a value of the wrong type."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # --- store -----------------------------------------------------------------
+    # Directory holding the embedded store, views, artifacts and engines.
+    home: Path = Field(default_factory=_default_home)
+    # SQLAlchemy URL of a PostgreSQL database; empty = embedded SQLite in `home`.
+    database_url: str = ""
+    # SQLite `synchronous` pragma for the embedded store (FULL survives power loss).
+    sqlite_synchronous: str = "NORMAL"
+    # Seconds between projection catch-up polls in readers that are not the writer.
+    projection_poll_interval_s: float = 0.2
+
+    # --- provisioning ----------------------------------------------------------
+    # Root under which a node installs engines; empty = `home`/engines.
+    engine_root: str = ""
+    # Cache of compiled wheels and downloads; empty = `home`/cache.
+    cache_dir: str = ""
+    # Allow package-mode installs (pip/uv into an engine environment).
+    allow_package_installs: bool = True
+    # Package indexes an install may use, comma separated; empty = the default index.
+    package_indexes: list[str] = Field(default_factory=list)
+    # URL prefixes binary downloads may come from, comma separated; empty = any https URL.
+    allowed_url_prefixes: list[str] = Field(default_factory=list)
+    # Allow source-mode builds (git clone + CMake).
+    allow_source_builds: bool = True
+    # Allow container-mode installs (image pulls with podman or docker).
+    allow_container_pulls: bool = True
+    # Unprivileged user that engine processes and builds run as when the service is root.
+    engine_user: str = ""
+
+    # --- artifacts -------------------------------------------------------------
+    # Shared artifact store directory; empty = `home`/artifacts.
+    artifact_store: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read settings from ``ROUNDHOUSE_*`` variables; raise SettingsError naming a bad one."""
+        source = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name, field in cls.model_fields.items():
+            raw = source.get(PREFIX + name.upper())
+            if raw is None or raw == "":
+                continue
+            if field.annotation == list[str]:
+                values[name] = [part.strip() for part in raw.split(",") if part.strip()]
+            else:
+                values[name] = raw
+        values.update(overrides)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            item = exc.errors()[0]
+            var = PREFIX + str(item["loc"][0]).upper()
+            raise SettingsError(f"{var}: {item['msg']} (got {item.get('input')!r})") from None
+
+    # Derived locations -------------------------------------------------------------
+    @property
+    def engine_root_path(self) -> Path:
+        return Path(self.engine_root) if self.engine_root else self.home / "engines"
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else self.home / "cache"
+
+    @property
+    def artifact_store_path(self) -> Path:
+        return Path(self.artifact_store) if self.artifact_store else self.home / "artifacts"
