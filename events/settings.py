@@ -56,6 +56,10 @@ class Settings(BaseModel):
     allow_container_pulls: bool = True
     # Unprivileged user that engine processes and builds run as when the service is root.
     engine_user: str = ""
+    # Python interpreter for package-mode engine environments; empty = the one running Roundhouse.
+    engine_python: str = ""
+    # Seconds an engine process may take to answer its health endpoint after (re)start.
+    engine_ready_timeout_s: float = 300.0
 
     # --- artifacts -------------------------------------------------------------
     # Shared artifact store directory; empty = `home`/artifacts.
