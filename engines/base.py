@@ -10,9 +10,18 @@ half (install, readiness on a node, launch) lives beside each provider.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Literal, TypedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+if TYPE_CHECKING:
+    from engines.launch import ModelRef, PreparedEngine
+    from engines.node import Node
+    from engines.plan import InstallPlan, InstallRecord, ProgressCallback
+    from engines.readiness import ReadinessReport
+    from events.settings import Settings
 
 
 class ConfigError(ValueError):
@@ -134,3 +143,88 @@ class EngineProvider(ABC):
             ],
             "config_schema": self.config_model.model_json_schema(),
         }
+
+    # --- the side-effecting half (install, readiness, launch) -----------------------
+
+    def typed_config(self, config: BaseModel | dict[str, Any] | None) -> BaseModel:
+        """``config`` as this provider's config model (raises ConfigError when malformed)."""
+        if isinstance(config, self.config_model):
+            return config
+        if isinstance(config, BaseModel):
+            config = config.model_dump()
+        return self.parse_config(config)
+
+    @abstractmethod
+    def plan_install(
+        self,
+        config: BaseModel | dict[str, Any] | None,
+        node: Node | NodeFacts,
+        *,
+        mode: str | None = None,
+    ) -> InstallPlan:
+        """The deterministic install plan for ``config`` on ``node`` (no side effects but
+        resolving a source ref). Raises ConfigError, GpuUnavailable or PolicyRefused."""
+
+    def install(
+        self,
+        plan: InstallPlan,
+        progress: ProgressCallback | None = None,
+        *,
+        force: bool = False,
+        settings: Settings | None = None,
+    ) -> InstallRecord:
+        """Carry out ``plan`` (idempotent, single-flight); see ``engines.installers.install``."""
+        from engines.installers import install
+
+        return install(plan, progress, force=force, settings=settings)
+
+    def check_ready(
+        self, node: Node | NodeFacts, config: BaseModel | dict[str, Any] | None = None
+    ) -> ReadinessReport:
+        """``{ready, missing_shared, missing_local}`` for ``config`` on ``node``, found by
+        looking at the installed engine (it imports / runs), never by a stored flag."""
+        from engines.errors import ProvisionError
+        from engines.installers import installed_record
+        from engines.readiness import not_ready, probe_record, ready
+
+        deps = self.dependencies()
+        dep = deps[0] if deps else Dependency(dependency_key=self.id, label=self.label)
+        try:
+            plan = self.plan_install(config, node)
+        except (ConfigError, ProvisionError) as exc:
+            return not_ready(dep, str(exc))
+        record = installed_record(plan)
+        if record is None:
+            return not_ready(
+                dep,
+                f"{self.label} ({plan.mode}) is not installed under {plan.install_dir}; "
+                f"install it (python -m engines install {self.id} --mode {plan.mode})",
+            )
+        problem = probe_record(record)
+        if problem:
+            return not_ready(dep, problem)
+        return ready(record.engine_version)
+
+    @abstractmethod
+    def prepare(
+        self,
+        model: ModelRef | str | Path,
+        config: BaseModel | dict[str, Any] | None,
+        node: Node | NodeFacts,
+        *,
+        port: int | None = None,
+        record: InstallRecord | None = None,
+        extra_flags: Sequence[str] = (),
+    ) -> PreparedEngine:
+        """The process to start for ``model``: ``PreparedEngine {bin, args, env, port, workdir}``.
+
+        Raises NotInstalled (saying how to install), GpuUnavailable, ConfigError
+        for bad flags, or NotLaunchable for providers that run no process.
+        """
+
+
+def as_node(node: Node | NodeFacts) -> Node:
+    """A ``Node``; bare facts get settings from the environment."""
+    from engines.node import Node
+
+    return node if isinstance(node, Node) else Node(facts=node)
