@@ -50,7 +50,9 @@ class ModelMeta:
     rest (token embeddings, output head, final norm). ``output_bytes`` is the
     part of ``other_bytes`` that llama.cpp places with the last layer (the
     output head and final norm), ``embedding_bytes`` the input embedding table
-    (kept in RAM by llama.cpp).
+    (kept in RAM by llama.cpp). ``extra`` holds format-specific facts: for GGUF
+    ``tied_output`` (no separate output head) and the tokenizer's token and
+    merge counts; for safetensors the architectures and per-dtype bytes.
     """
 
     format: ModelFormat
@@ -247,7 +249,11 @@ def _read_gguf_uncached(p: Path) -> ModelMeta:
         kv_heads_per_layer=tuple(kv_per_layer),
         file_type=file_type,
         sliding_window=int(swa or 0),
-        extra={"tied_output": tied},
+        extra={
+            "tied_output": tied,
+            "tokenizer_tokens": _array_len(reader, "tokenizer.ggml.tokens") or 0,
+            "tokenizer_merges": _array_len(reader, "tokenizer.ggml.merges") or 0,
+        },
     )
 
 
