@@ -159,6 +159,12 @@ class Supervisor:
     def url(self) -> str:
         return self.prepared.url
 
+    @property
+    def returncode(self) -> int | None:
+        """Exit status of the latest engine process (negative: killed by that signal)."""
+        proc = self._proc
+        return proc.returncode if proc is not None else None
+
     def start(self) -> dict[str, Any]:
         """Start the engine, wait until it is ready, write the handoff file, start the
         monitor that restarts it on crash; return the handoff payload.

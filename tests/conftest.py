@@ -7,6 +7,9 @@ import subprocess
 
 import pytest
 
+# Session fixtures that install and run the real llama.cpp engine (tests/fixtures_engine.py).
+pytest_plugins = ["fixtures_engine"]
+
 
 def _has_cuda_gpu() -> bool:
     if not shutil.which("nvidia-smi"):
