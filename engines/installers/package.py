@@ -209,7 +209,10 @@ def install_package(
             f"the plan was made for {inputs['python']} but the engine Python {base} is {tag}; "
             "re-plan on this node or set ROUNDHOUSE_ENGINE_PYTHON"
         )
-    env = sanitized_env({"UV_CACHE_DIR": str(Path(plan.cache_dir) / "uv")})
+    uv_cache = Path(plan.cache_dir) / ("uv" if run_as.user is None else f"uv-{run_as.user}")
+    uv_cache.mkdir(parents=True, exist_ok=True)
+    chown_tree(uv_cache, run_as)  # the engine user's own package cache
+    env = sanitized_env({"UV_CACHE_DIR": str(uv_cache)})
     if run_as.home:
         env["HOME"] = run_as.home
     chown_tree(plan.install_dir, run_as)
