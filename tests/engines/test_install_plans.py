@@ -10,7 +10,9 @@ import pytest
 from engine_helpers import make_node
 
 from engines.base import ConfigError
-from engines.errors import GpuUnavailable, PolicyRefused
+from engines.errors import GpuUnavailable, NotInstalled, PolicyRefused
+from engines.node import Node
+from engines.plan import InstallRecord
 from engines.registry import get_provider
 
 llamacpp = get_provider("llamacpp")
@@ -151,3 +153,50 @@ def test_openai_plan_is_remote_and_never_holds_the_key(tmp_path: Path) -> None:
     assert "sk-secret-123" not in plan.model_dump_json()
     record = openai.install(plan, settings=make_node(tmp_path).settings)
     assert record.mode == "remote" and "sk-secret-123" not in record.model_dump_json()
+
+
+def _binary_record(node: Node) -> InstallRecord:
+    plan = llamacpp.plan_install(BINARY, node)
+    return InstallRecord(provider="llamacpp", mode="binary", engine_version="sha256:x",
+                         cache_key=plan.cache_key, install_dir=str(plan.install_dir),
+                         plan=plan, bin="/usr/bin/true")
+
+
+def test_prepare_on_a_cpu_node_records_the_cpu_fallback(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    cfg = {**BINARY, "n_gpu_layers": -1}
+    prepared = llamacpp.prepare(model, cfg, node, record=_binary_record(node))
+    assert prepared.cpu_fallback is True
+    assert prepared.args[prepared.args.index("--n-gpu-layers") + 1] == "0"
+    assert any("CPU" in n for n in prepared.notes)
+    assert prepared.gpu_ids == []
+
+
+def test_prepare_fails_fast_when_a_gpu_is_required_but_absent(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    cfg = {**BINARY, "n_gpu_layers": 10, "allow_cpu_fallback": False}
+    with pytest.raises(GpuUnavailable, match="10 GPU layers"):
+        llamacpp.prepare(model, cfg, node, record=_binary_record(node))
+
+
+def test_prepare_on_a_gpu_node_offloads_and_masks_devices(tmp_path: Path) -> None:
+    node = make_node(tmp_path, gpus=2)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    prepared = llamacpp.prepare(model, {**BINARY, "server_flags": ["--ngl", "99"]}, node,
+                                record=_binary_record(node), port=18123)
+    assert prepared.args[:6] == ["--model", str(model), "--host", "127.0.0.1", "--port", "18123"]
+    assert prepared.args[prepared.args.index("--n-gpu-layers") + 1] == "99"
+    assert prepared.env["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert prepared.metrics_path == "/metrics" and prepared.health_path == "/health"
+
+
+def test_prepare_without_an_install_says_how_to_install(tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    with pytest.raises(NotInstalled, match="python -m engines install llamacpp --mode package"):
+        llamacpp.prepare(model, None, make_node(tmp_path))
