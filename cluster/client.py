@@ -56,7 +56,7 @@ class EngineRegistry:
                    organization_id: int | str | None = None) -> list[dict[str, Any]]:
         return await self._b.call("list_engines", provider, organization_id)
 
-    async def update(self, id: int, requested_by: dict[str, Any] | None = None,
+    async def update(self, id: int, /, requested_by: dict[str, Any] | None = None,
                      **fields: Any) -> dict[str, Any]:
         """Change ``name`` and/or ``config``. Lifecycle fields (``status``, ``supported``…)
         are refused with an error naming the method to use instead."""
@@ -85,7 +85,7 @@ class ModelRegistry:
     async def list(self) -> list[dict[str, Any]]:
         return await self._b.call("list_models")
 
-    async def update(self, id: int, requested_by: dict[str, Any] | None = None,
+    async def update(self, id: int, /, requested_by: dict[str, Any] | None = None,
                      **fields: Any) -> dict[str, Any]:
         return await self._b.call("update_model", id, fields, requested_by=requested_by)
 

@@ -117,13 +117,17 @@ class EngineInstance(Aggregate):
 
     def request_install(self, event_id: str, force: bool, manifest_version: int,
                         engine_version: str, source_node_id: str,
-                        requested_by: dict[str, Any], task_id: str | None) -> None:
+                        requested_by: dict[str, Any], task_id: str | None) -> bool:
+        """Record an install request; False (nothing recorded) if ``event_id`` is the current one."""
         self._check("request_install")
+        if event_id == self.last_install_event_id:
+            return False
         self._install_requested(
             event_id=event_id, force=force, manifest_version=manifest_version,
             engine_version=engine_version, source_node_id=source_node_id,
             requested_by=requested_by, task_id=task_id,
         )
+        return True
 
     @event("InstallRequested")
     def _install_requested(self, event_id: str, force: bool, manifest_version: int,

@@ -139,7 +139,8 @@ class Projector:
         """
         applied = 0
         while True:
-            with self.engine.begin() as conn:
+            with self.engine.connect() as conn, \
+                    conn.execution_options(sqlite_immediate=True).begin():
                 start = self._read_position(conn, lock=True)
                 notifications = ledger.notifications(after=start, limit=batch)
                 if stop_after is not None:

@@ -20,8 +20,17 @@ from projections.projector import PROJECTION, Projector
 
 
 def _sqlite_pragmas(engine: Engine, synchronous: str) -> None:
+    """WAL and the chosen durability; and transactions we begin ourselves, so that a
+    projection batch can take SQLite's write lock *before* reading its position."""
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        immediate = conn.get_execution_options().get("sqlite_immediate")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA synchronous={synchronous}")
