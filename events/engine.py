@@ -118,7 +118,7 @@ class EngineInstance(Aggregate):
     def request_install(self, event_id: str, force: bool, manifest_version: int,
                         engine_version: str, source_node_id: str,
                         requested_by: dict[str, Any], task_id: str | None) -> bool:
-        """Record an install request; False (nothing recorded) if ``event_id`` is the current one."""
+        """Record an install request; False (nothing recorded) if ``event_id`` is current."""
         self._check("request_install")
         if event_id == self.last_install_event_id:
             return False

@@ -77,7 +77,7 @@ async def test_unchanged_update_records_no_event(sdk: SDK) -> None:
 async def test_delete_frees_the_name_and_hides_the_row(sdk: SDK) -> None:
     row = await sdk.models.engine_registry.create(provider="llamacpp", name="cpu")
     assert (await sdk.models.engine_registry.delete(row["id"]))["deleted"] is True
-    with pytest.raises(NotFound, match="engine_registry.list"):
+    with pytest.raises(NotFound, match=r"engine_registry\.list"):
         await sdk.models.engine_registry.get(row["id"])
     again = await sdk.models.engine_registry.create(provider="llamacpp", name="cpu")
     assert again["id"] == row["id"] + 1
