@@ -31,7 +31,8 @@ class ModelRef:
 
     @classmethod
     def from_path(cls, path: str | Path, model_id: str | None = None) -> ModelRef:
-        p = Path(path)
+        """A model at ``path`` (made absolute: engines run in their own workdir)."""
+        p = Path(path).absolute()
         return cls(id=model_id or p.stem, path=p)
 
     def payload(self) -> dict[str, str | None]:

@@ -245,6 +245,8 @@ class LlamaCppProvider(EngineProvider):
         assert isinstance(cfg, LlamaCppConfig)
         n = as_node(node)
         ref = model if isinstance(model, ModelRef) else ModelRef.from_path(model)
+        if ref.path is not None and not Path(ref.path).is_absolute():
+            ref = ModelRef(id=ref.id, path=Path(ref.path).absolute())
         if ref.path is None or not Path(ref.path).is_file():
             raise ConfigError(
                 f"model file {ref.path} does not exist; pass the path of a GGUF file"

@@ -142,6 +142,10 @@ class Supervisor:
         self._stopping = threading.Event()
         self._monitor: threading.Thread | None = None
         self._ready_at = 0.0
+        #: Seconds from spawn of the latest (re)start: ``ready_s`` until the health
+        #: endpoint answered (and metrics validated), ``handoff_s`` until the version was
+        #: read and the handoff file written.
+        self.last_start_timings: dict[str, float] = {}
 
     # --- public surface -------------------------------------------------------------
 
@@ -289,17 +293,23 @@ class Supervisor:
         with self._lock:
             if self._stopping.is_set():
                 raise _Stopped
+            spawned = time.monotonic()
             self._proc = proc = self._spawn()
         self._set_state(EngineState.STARTING, message=f"pid {proc.pid}")
         try:
             self._wait_ready(proc)
             self._validate_metrics()
+            healthy = time.monotonic()
             self.engine_version = self._read_version() or self.prepared.engine_version
         except (EngineStartFailed, _Stopped):
             self._terminate(proc)
             raise
         self._ready_at = time.monotonic()
         self._write_handoff(proc.pid)
+        self.last_start_timings = {
+            "ready_s": healthy - spawned,
+            "handoff_s": time.monotonic() - spawned,
+        }
         self._set_state(EngineState.READY, message=self.url)
 
     def _wait_ready(self, proc: subprocess.Popen[bytes]) -> None:

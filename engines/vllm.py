@@ -144,6 +144,8 @@ class VllmProvider(EngineProvider):
         n = as_node(node)
         self._require_gpu(n)
         ref = model if isinstance(model, ModelRef) else ModelRef.from_path(model)
+        if ref.path is not None and not Path(ref.path).is_absolute():
+            ref = ModelRef(id=ref.id, path=Path(ref.path).absolute())
         if ref.path is None or not Path(ref.path).exists():
             raise ConfigError(f"model path {ref.path} does not exist; pass a model directory")
         if record is None:

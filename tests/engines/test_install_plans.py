@@ -200,3 +200,14 @@ def test_prepare_without_an_install_says_how_to_install(tmp_path: Path) -> None:
     model.write_bytes(b"GGUF")
     with pytest.raises(NotInstalled, match="python -m engines install llamacpp --mode package"):
         llamacpp.prepare(model, None, make_node(tmp_path))
+
+
+def test_prepare_makes_a_relative_model_path_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = make_node(tmp_path)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.chdir(tmp_path)
+    prepared = llamacpp.prepare("m.gguf", BINARY, node, record=_binary_record(node))
+    assert prepared.args[1] == str(tmp_path / "m.gguf")  # engines run in the runtime dir
+    assert prepared.model.id == "m"

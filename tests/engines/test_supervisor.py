@@ -82,6 +82,8 @@ def test_loading_503_is_transient_and_the_handoff_file_says_where_the_engine_is(
         assert sup.handoff_path.parent == tmp_path / "run"
         assert httpx.get(sup.url + "/health").status_code == 200
         assert events.states() == [EngineState.STARTING, EngineState.READY]
+        timings = sup.last_start_timings
+        assert 0 < timings["ready_s"] <= timings["handoff_s"]
     finally:
         sup.stop()
     assert not sup.handoff_path.exists()
