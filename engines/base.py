@@ -161,9 +161,11 @@ class EngineProvider(ABC):
         node: Node | NodeFacts,
         *,
         mode: str | None = None,
+        enforce_policy: bool = True,
     ) -> InstallPlan:
         """The deterministic install plan for ``config`` on ``node`` (no side effects but
-        resolving a source ref). Raises ConfigError, GpuUnavailable or PolicyRefused."""
+        resolving a source ref). Raises ConfigError, GpuUnavailable, or PolicyRefused
+        unless ``enforce_policy`` is false (readiness of what is already installed)."""
 
     def install(
         self,
@@ -190,7 +192,7 @@ class EngineProvider(ABC):
         deps = self.dependencies()
         dep = deps[0] if deps else Dependency(dependency_key=self.id, label=self.label)
         try:
-            plan = self.plan_install(config, node)
+            plan = self.plan_install(config, node, enforce_policy=False)
         except (ConfigError, ProvisionError) as exc:
             return not_ready(dep, str(exc))
         record = installed_record(plan)

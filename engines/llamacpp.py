@@ -151,6 +151,7 @@ class LlamaCppProvider(EngineProvider):
         node: Node | NodeFacts,
         *,
         mode: str | None = None,
+        enforce_policy: bool = True,
     ) -> InstallPlan:
         """Plan a package, binary or source install; see ``EngineProvider.plan_install``."""
         cfg = self.typed_config(config)
@@ -211,7 +212,8 @@ class LlamaCppProvider(EngineProvider):
             cpu_fallback=fallback,
             notes=notes,
         )
-        check_policy(plan, n.settings)
+        if enforce_policy:
+            check_policy(plan, n.settings)
         if chosen == "source":
             # The commit is an input: a moved branch must be a new cache key.
             inputs = {**inputs, "commit": resolve_ref(str(cfg.source_repo), cfg.source_ref)}

@@ -62,6 +62,7 @@ class OpenAIProvider(EngineProvider):
         node: Node | NodeFacts,
         *,
         mode: str | None = None,
+        enforce_policy: bool = True,
     ) -> InstallPlan:
         """A ``remote`` plan: nothing to install. The API key is not part of the plan."""
         cfg = self.typed_config(config)

@@ -88,6 +88,7 @@ class VllmProvider(EngineProvider):
         node: Node | NodeFacts,
         *,
         mode: str | None = None,
+        enforce_policy: bool = True,
     ) -> InstallPlan:
         """Plan a package or container install; refuses (GpuUnavailable) on a node without
         a GPU. See ``EngineProvider.plan_install``."""
@@ -124,7 +125,8 @@ class VllmProvider(EngineProvider):
             cache_dir=n.cache_dir,
             gpu_backend="cuda",
         )
-        check_policy(plan, n.settings)
+        if enforce_policy:
+            check_policy(plan, n.settings)
         return plan
 
     def prepare(

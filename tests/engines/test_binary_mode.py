@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from engine_helpers import file_server, make_archive, make_node
 
-from engines.errors import ChecksumMismatch
+from engines.errors import ChecksumMismatch, PolicyRefused
 from engines.plan import InstallProgress
 from engines.registry import get_provider
 
@@ -126,3 +126,20 @@ def test_two_processes_installing_the_same_plan_download_and_install_once(tmp_pa
     assert sorted(r["reused"] for r in records) == [False, True]
     assert records[0]["cache_key"] == records[1]["cache_key"]
     assert counter.gets == 1
+
+
+def test_a_policy_change_refuses_new_installs_but_not_readiness_of_existing_ones(
+    tmp_path: Path,
+) -> None:
+    archive, sha = make_archive(tmp_path / "dist")
+    cfg = binary_config(archive.as_uri(), sha)
+    node = make_node(tmp_path, allowed_url_prefixes=["file://"])
+    llamacpp.install(llamacpp.plan_install(cfg, node), settings=node.settings)
+    locked = make_node(tmp_path, allowed_url_prefixes=["https://mirror.example/"])
+    assert llamacpp.check_ready(locked, cfg).ready
+    with pytest.raises(PolicyRefused, match="ROUNDHOUSE_ALLOWED_URL_PREFIXES"):
+        llamacpp.plan_install(cfg, locked)
+    plan = llamacpp.plan_install(cfg, node)
+    with pytest.raises(PolicyRefused):
+        llamacpp.install(plan, force=True, settings=locked.settings)
+    assert llamacpp.check_ready(locked, cfg).ready  # a refused install touches nothing
