@@ -39,6 +39,7 @@ _KV_RE = re.compile(
 _KV_OLD_RE = re.compile(r"KV self size\s*=\s*([\d.]+)\s*MiB")
 _COMPUTE_RE = re.compile(r"(\S+)\s+compute buffer size\s*=\s*([\d.]+)\s*MiB")
 _MODEL_RE = re.compile(r"(\S+)\s+model buffer size\s*=\s*([\d.]+)\s*MiB")
+_KV_BUF_RE = re.compile(r"(\S+)\s+KV buffer size\s*=\s*([\d.]+)\s*MiB")
 _OUTPUT_RE = re.compile(r"(\S+)\s+output buffer size\s*=\s*([\d.]+)\s*MiB")
 _NCTX_RE = re.compile(r"llama_context:\s+n_ctx\s*=\s*(\d+)")
 
@@ -84,6 +85,13 @@ class LlamaCppLog:
     compute_bytes: dict[str, int] = field(default_factory=dict)
     model_bytes: dict[str, int] = field(default_factory=dict)
     output_bytes: dict[str, int] = field(default_factory=dict)
+    #: KV-cache buffers per device (``CPU``, ``CUDA0``…).
+    kv_buffers: dict[str, int] = field(default_factory=dict)
+
+    def on_gpu(self, sizes: dict[str, int]) -> int:
+        """Bytes of ``sizes`` held by GPU devices (names other than CPU/CPU_Mapped/host)."""
+        return sum(v for dev, v in sizes.items() if not dev.upper().startswith("CPU")
+                   and "HOST" not in dev.upper())  # fmt: skip
 
 
 def _mib(text: str) -> int:
@@ -107,6 +115,9 @@ def parse_llamacpp_log(text: str) -> LlamaCppLog:
     for dev, size in _MODEL_RE.findall(text):
         model[dev] = model.get(dev, 0) + _mib(size)
     output = {dev: _mib(size) for dev, size in _OUTPUT_RE.findall(text)}
+    kv_buffers: dict[str, int] = {}
+    for dev, size in _KV_BUF_RE.findall(text):
+        kv_buffers[dev] = kv_buffers.get(dev, 0) + _mib(size)
     nctx = _NCTX_RE.search(text)
     return LlamaCppLog(
         n_ctx=int(nctx.group(1)) if nctx else None,
@@ -117,6 +128,7 @@ def parse_llamacpp_log(text: str) -> LlamaCppLog:
         compute_bytes=compute,
         model_bytes=model,
         output_bytes=output,
+        kv_buffers=kv_buffers,
     )
 
 

@@ -174,6 +174,8 @@ def test_llamacpp_log_parsing():
         "load_tensors:        CUDA0 model buffer size =    10.00 MiB\n"
         "llama_context: n_ctx                 = 2048\n"
         "llama_context:        CPU  output buffer size =     0.19 MiB\n"
+        "llama_kv_cache:      CUDA0 KV buffer size =    40.00 MiB\n"
+        "llama_kv_cache:        CPU KV buffer size =     5.00 MiB\n"
         "llama_kv_cache: size =   45.00 MiB (  2048 cells,  30 layers,  1/1 seqs), "
         "K (f16):   22.50 MiB, V (q8_0):   22.50 MiB\n"
         "sched_reserve:        CPU compute buffer size =    99.38 MiB\n"
@@ -185,4 +187,7 @@ def test_llamacpp_log_parsing():
     assert log.compute_bytes == {"CPU": round(99.38 * MiB)}
     assert log.model_bytes == {"CPU_Mapped": round(92.10 * MiB), "CUDA0": 10 * MiB}
     assert log.output_bytes == {"CPU": round(0.19 * MiB)}
+    assert log.kv_buffers == {"CUDA0": 40 * MiB, "CPU": 5 * MiB}
+    assert log.on_gpu(log.kv_buffers) == 40 * MiB
+    assert log.on_gpu(log.model_bytes) == 10 * MiB
     assert parse_llamacpp_log("nothing here").kv_bytes is None
