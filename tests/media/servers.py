@@ -191,10 +191,10 @@ def serve_fake_hub() -> Iterator[FakeHub]:
                 self._not_found()
                 return
             repo, _rev, filename = found
-            data = repo.files.get(filename)
-            if data is None:
+            if filename not in repo.files:
                 self._not_found("EntryNotFound")
                 return
+            data = repo.files[filename]
             served = repo.tampered.get(filename, data)
             start = 0
             rng = self.headers.get("Range")

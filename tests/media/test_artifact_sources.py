@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -269,7 +270,7 @@ def test_full_disk_during_write_leaves_nothing(
     calls = {"n": 0}
     real_write_all = staging_mod.write_all
 
-    def write_until_full(fh, data):  # type: ignore[no-untyped-def]
+    def write_until_full(fh: BinaryIO, data: bytes) -> None:
         calls["n"] += 1
         if calls["n"] > 1:
             raise OSError(errno.ENOSPC, "No space left on device")
