@@ -908,6 +908,48 @@ class ControlPlane:
                            f"at node {node}")
         return runtime
 
+    def installed_nodes(self, engine_registry_id: Any) -> list[dict[str, Any]]:
+        """Alive nodes where the row's latest install succeeded, with the install record
+        (install dir, engine python/bin) and the node's facts: where a runtime may go."""
+        engine = self.get_engine(engine_registry_id)
+        with self.views.connect() as conn:
+            rows = views.install_rows(conn, engine["id"])
+            facts = {n.node_id: n.facts for n in views.alive_nodes(conn)}
+        return [
+            {"node_id": r.node_id, "engine_version": r.engine_version, "record": r.record or {},
+             "facts": facts[r.node_id]}
+            for r in rows
+            if r.status == InstallState.INSTALLED and r.node_id in facts
+            and r.last_event_id == engine["last_install_event_id"]
+        ]
+
+    def list_loaded_models(self, engine_registry_id: Any = None) -> list[dict[str, Any]]:
+        """Runtimes that are loading or loaded, shaped as the module SDK's loaded-model rows."""
+        rid = None if engine_registry_id is None else _check_int_id(engine_registry_id,
+                                                                     "engine_registry_id")
+        with self.views.connect() as conn:
+            rows = views.runtime_rows(conn, rid)
+        return [
+            {
+                "engine_row_id": r.engine_row_id,
+                "engine_id": r.provider,
+                "status": r.status,
+                "pid": r.pid,
+                "model": r.model_name,
+                "model_path": r.model_path,
+                "model_registry_id": r.model_row_id,
+                "model_registry_name": r.model_name,
+                "model_display_name": r.model_display_name,
+                "node_id": r.node_id,
+                "memory_bytes": r.memory_bytes,
+                "url": r.url,
+                "app_name": r.app_name,
+                "requested_at": r.requested_at,
+                "loaded_at": r.loaded_at,
+            }
+            for r in rows
+        ]
+
     # -- audit -------------------------------------------------------------------------------
     def audit_events(self, engine_registry_id: Any = None, model_registry_id: Any = None,
                      user_id: int | str | None = None,
