@@ -43,7 +43,7 @@ def test_spread_prefers_most_free_memory_and_pack_the_least_that_fits() -> None:
 def test_a_node_that_does_not_fit_is_skipped_and_none_fitting_names_the_nodes() -> None:
     rows = [node("small", 1), node("big", 8)]
     assert choose_node(rows, cpu_estimate(4), strategy="pack").node_id == "big"
-    with pytest.raises(NoPlacement, match="small.*big|big.*small"):
+    with pytest.raises(NoPlacement, match=r"small.*big|big.*small"):
         choose_node(rows, cpu_estimate(20))
 
 
