@@ -14,7 +14,8 @@ import logging
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -139,8 +140,18 @@ class ControlPlane:
         return self.projector.catch_up(self.ledger)
 
     def _save(self, *aggregates: Aggregate) -> None:
-        self.ledger.save_all(*aggregates)
-        self.catch_up()
+        self.projector.apply_recorded(self.ledger, self.ledger.save_all(*aggregates))
+
+    @contextmanager
+    def _command(self) -> Iterator[None]:
+        """One command at a time; a command that fails forgets the aggregates it may have
+        changed in memory before failing (the ledger hands out cached aggregates)."""
+        with self._lock:
+            try:
+                yield
+            except BaseException:
+                self.ledger.forget_cached()
+                raise
 
     def _who(self, requested_by: Mapping[str, Any] | None) -> dict[str, Any]:
         try:
@@ -221,7 +232,7 @@ class ControlPlane:
                       organization_id: int | str | None = None,
                       task_id: str | None = None) -> dict[str, Any]:
         """Register a configured engine row; return it with its integer ``id``."""
-        with self._lock:
+        with self._command():
             prov = self._provider(provider)
             name = _check_name(name, "name")
             cfg = _check_json_object(config, "config")
@@ -263,7 +274,7 @@ class ControlPlane:
                       requested_by: Mapping[str, Any] | None = None,
                       task_id: str | None = None) -> dict[str, Any]:
         """Change configuration fields (``name``, ``config``); lifecycle fields are refused."""
-        with self._lock:
+        with self._command():
             lifecycle = sorted(set(fields) & set(LIFECYCLE_FIELDS))
             if lifecycle:
                 hints = "; ".join(f"{f}: use {LIFECYCLE_FIELDS[f]}" for f in lifecycle)
@@ -304,7 +315,7 @@ class ControlPlane:
     def delete_engine(self, row_id: Any, requested_by: Mapping[str, Any] | None = None,
                       task_id: str | None = None) -> dict[str, Any]:
         """Remove a row (its name becomes free). An active row must be deactivated first."""
-        with self._lock:
+        with self._command():
             engine = self._engine(row_id)
             if engine.status is EngineStatus.ACTIVE:
                 raise Conflict(f"engine {engine.row_id} is active; deactivate it with "
@@ -319,7 +330,7 @@ class ControlPlane:
                       requested_by: Mapping[str, Any] | None = None,
                       task_id: str | None = None) -> dict[str, Any]:
         """Publish an install request for a configured row; return it with the install status."""
-        with self._lock:
+        with self._command():
             event = self._request_install(self._engine(engine_registry_id), force,
                                           requested_by, task_id)
             rid = event["engine_registry_id"]
@@ -338,7 +349,7 @@ class ControlPlane:
         ``engine_id`` is a provider id (``"llamacpp"``): every configured row of
         that provider gets the request (their ids are in ``engine_registry_ids``).
         """
-        with self._lock:
+        with self._command():
             prov = self._provider(engine_id)
             rows = self.list_engines(provider=prov.id)
             if not rows:
@@ -455,6 +466,10 @@ class ControlPlane:
         """Save a node's report and settle the engine's lifecycle in the same transaction."""
         if not install.pending_events:
             return
+        if install.state not in (InstallState.INSTALLED, InstallState.ERROR):
+            self._save(install)
+            self._notify(kind, {"engine_registry_id": engine.row_id, "node_id": install.node_id})
+            return
         with self.views.connect() as conn:
             rows = views.install_rows(conn, engine.row_id)
         states = [
@@ -476,7 +491,7 @@ class ControlPlane:
     def record_install_started(self, engine_registry_id: Any, node_id: str,
                                request_event_id: str,
                                plan: Mapping[str, Any] | None = None) -> None:
-        with self._lock:
+        with self._command():
             engine, install = self._install_for_report(engine_registry_id, node_id,
                                                        request_event_id)
             try:
@@ -488,7 +503,7 @@ class ControlPlane:
     def record_install_progress(self, engine_registry_id: Any, node_id: str,
                                 request_event_id: str, fraction: float,
                                 message: str = "") -> None:
-        with self._lock:
+        with self._command():
             engine, install = self._install_for_report(engine_registry_id, node_id,
                                                        request_event_id)
             try:
@@ -500,7 +515,7 @@ class ControlPlane:
     def record_install_succeeded(self, engine_registry_id: Any, node_id: str,
                                  request_event_id: str, engine_version: str,
                                  record: Mapping[str, Any] | None = None) -> None:
-        with self._lock:
+        with self._command():
             engine, install = self._install_for_report(engine_registry_id, node_id,
                                                        request_event_id)
             try:
@@ -512,7 +527,7 @@ class ControlPlane:
 
     def record_install_failed(self, engine_registry_id: Any, node_id: str,
                               request_event_id: str, error: str) -> None:
-        with self._lock:
+        with self._command():
             engine, install = self._install_for_report(engine_registry_id, node_id,
                                                        request_event_id)
             try:
@@ -548,7 +563,7 @@ class ControlPlane:
     def record_node_joined(self, node_id: str, facts: Mapping[str, Any] | None = None) -> bool:
         """Record that a node is alive with these facts; queue it for every engine's latest
         install request. Returns True if anything was recorded."""
-        with self._lock:
+        with self._command():
             if not isinstance(node_id, str) or not node_id:
                 raise BadInput(f"node_id must be a non-empty string, got {node_id!r}")
             clean = _check_json_object(facts, "facts")
@@ -582,7 +597,7 @@ class ControlPlane:
             return True
 
     def record_node_lost(self, node_id: str, reason: str = "node died") -> bool:
-        with self._lock:
+        with self._command():
             node = self.ledger.load(node_id_of(node_id), Node)
             if node is None:
                 raise NotFound(f"node {node_id!r} never joined; list nodes with sdk.nodes()")
@@ -667,7 +682,7 @@ class ControlPlane:
                           requested_by: Mapping[str, Any] | None = None,
                           task_id: str | None = None) -> dict[str, Any]:
         """Activate a ready row; with unmet requirements return ``ready: False``, change nothing."""
-        with self._lock:
+        with self._command():
             engine = self._engine(engine_registry_id)
             reqs = self.activation_requirements(engine.row_id)
             if not reqs["ready"] or engine.status is EngineStatus.ACTIVE:
@@ -683,7 +698,7 @@ class ControlPlane:
                             requested_by: Mapping[str, Any] | None = None,
                             task_id: str | None = None) -> dict[str, Any]:
         """Deactivate an active row (status becomes ``installed``); other rows are unchanged."""
-        with self._lock:
+        with self._command():
             engine = self._engine(engine_registry_id)
             changed = engine.status is EngineStatus.ACTIVE
             if changed:
@@ -741,7 +756,7 @@ class ControlPlane:
                      requested_by: Mapping[str, Any] | None = None,
                      task_id: str | None = None) -> dict[str, Any]:
         """Register a model (records events; downloads nothing); return the row with its id."""
-        with self._lock:
+        with self._command():
             name = _check_name(name, "name")
             display = _check_name(display_name, "display_name") if display_name else name
             src = self._check_source(source)
@@ -794,7 +809,7 @@ class ControlPlane:
     def update_model(self, row_id: Any, fields: Mapping[str, Any],
                      requested_by: Mapping[str, Any] | None = None,
                      task_id: str | None = None) -> dict[str, Any]:
-        with self._lock:
+        with self._command():
             allowed = {"name", "display_name", "source", "format", "engine_kinds"}
             unknown = sorted(set(fields) - allowed)
             if unknown:
@@ -830,7 +845,7 @@ class ControlPlane:
 
     def delete_model(self, row_id: Any, requested_by: Mapping[str, Any] | None = None,
                      task_id: str | None = None) -> dict[str, Any]:
-        with self._lock:
+        with self._command():
             model = self._model(row_id)
             with self.views.connect() as conn:
                 resident = [r for r in views.runtime_rows(conn) if r.model_row_id == model.row_id]
@@ -845,7 +860,7 @@ class ControlPlane:
     def record_artifact_stored(self, model_registry_id: Any, artifact: Mapping[str, Any],
                                requested_by: Mapping[str, Any] | None = None,
                                task_id: str | None = None) -> dict[str, Any]:
-        with self._lock:
+        with self._command():
             model = self._model(model_registry_id)
             if model.store_artifact(_check_json_object(artifact, "artifact"),
                                     self._who(requested_by), task_id):
@@ -859,7 +874,7 @@ class ControlPlane:
     def record_load_requested(self, engine_registry_id: Any, model_registry_id: Any,
                               node_id: str, requested_by: Mapping[str, Any] | None = None,
                               task_id: str | None = None) -> None:
-        with self._lock:
+        with self._command():
             engine, model = self._engine(engine_registry_id), self._model(model_registry_id)
             who = self._who(requested_by)
             runtime = self._runtime(engine.row_id, model.row_id, node_id)
@@ -875,21 +890,21 @@ class ControlPlane:
     def record_loaded(self, engine_registry_id: int, model_registry_id: int, node_id: str,
                       pid: int, model_path: str, memory_bytes: int, url: str,
                       app_name: str) -> None:
-        with self._lock:
+        with self._command():
             runtime = self._existing_runtime(engine_registry_id, model_registry_id, node_id)
             runtime.mark_loaded(pid, model_path, memory_bytes, url, app_name)
             self._save(runtime)
 
     def record_load_failed(self, engine_registry_id: int, model_registry_id: int,
                            node_id: str, error: str) -> None:
-        with self._lock:
+        with self._command():
             runtime = self._existing_runtime(engine_registry_id, model_registry_id, node_id)
             runtime.fail_load(error)
             self._save(runtime)
 
     def record_unloaded(self, engine_registry_id: int, model_registry_id: int, node_id: str,
                         reason: str, requested_by: Mapping[str, Any] | None = None) -> bool:
-        with self._lock:
+        with self._command():
             runtime = self._existing_runtime(engine_registry_id, model_registry_id, node_id)
             if runtime.state not in (RuntimeState.LOADING, RuntimeState.LOADED):
                 return False
@@ -974,12 +989,12 @@ class ControlPlane:
 
     def verify(self) -> dict[str, Any]:
         """Rebuild the views from the log in a scratch database and diff with the live ones."""
-        with self._lock:
+        with self._command():
             return verify(self.views, self.ledger)
 
     def rebuild(self) -> int:
         """Drop the view rows and replay the whole log into them; return events applied."""
-        with self._lock:
+        with self._command():
             self.projector = Projector(self.views)
             applied = rebuild(self.views, self.ledger)
             return applied

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import AggregateNotFoundError, Application, LRUCache
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import IntegrityError, Notification
+from eventsourcing.persistence import IntegrityError, Notification, Recording
 from sqlalchemy.engine import make_url
 
+from events.engine import EngineInstance, NameClaim
+from events.install import NodeInstall
+from events.model import ModelRegistration, ModelRuntime
+from events.node import Node
 from events.settings import Settings
 
 A = TypeVar("A", bound=Aggregate)
@@ -65,9 +69,18 @@ def persistence_env(settings: Settings) -> dict[str, str]:
 
 
 class Ledger(Application[uuid.UUID]):
-    """Saves aggregates and reads the notification log. Holds no views."""
+    """Saves aggregates and reads the notification log. Holds no views.
+
+    Aggregates are cached in memory (fast-forwarded from the store on every get, so
+    another writer's events are never missed) and snapshotted every 200 events, so
+    that a long-lived aggregate (an install reporting progress) loads in constant time.
+    """
 
     name = "roundhouse"
+    snapshotting_intervals: ClassVar[dict[Any, int]] = {
+        EngineInstance: 200, NodeInstall: 200, Node: 200, ModelRegistration: 200,
+        ModelRuntime: 200, NameClaim: 200,
+    }
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -77,7 +90,15 @@ class Ledger(Application[uuid.UUID]):
     def construct_env(self, name: str, env: Any = None) -> Any:
         from eventsourcing.utils import Environment
 
-        return Environment(name, dict(env or {}))
+        values = {
+            "AGGREGATE_CACHE_MAXSIZE": "10000",
+            "IS_SNAPSHOTTING_ENABLED": "y",
+            # The writer hands out cached aggregates without copying them; a command
+            # that fails after changing one calls forget_cached() (see ControlPlane).
+            "DEEPCOPY_FROM_AGGREGATE_CACHE": "n",
+        }
+        values.update(env or {})
+        return Environment(name, values)
 
     def load(self, aggregate_id: uuid.UUID, kind: type[A]) -> A | None:
         """The aggregate with this id, or None if it was never saved."""
@@ -88,12 +109,20 @@ class Ledger(Application[uuid.UUID]):
         assert isinstance(agg, kind), f"{aggregate_id} is a {type(agg).__name__}"
         return agg
 
-    def save_all(self, *aggregates: Aggregate) -> None:
-        """Save in one transaction; raise ConcurrentWrite if another writer got there first."""
+    def save_all(self, *aggregates: Aggregate) -> list[Recording[uuid.UUID]]:
+        """Save in one transaction and return the recordings (events with their positions);
+        raise ConcurrentWrite if another writer got there first."""
         try:
-            self.save(*aggregates)
+            return self.save(*aggregates)
         except IntegrityError as exc:
+            self.forget_cached()
             raise ConcurrentWrite(str(exc)) from None
+
+    def forget_cached(self) -> None:
+        """Drop every cached aggregate (after a command failed half-way through)."""
+        cache = self.repository.cache
+        if isinstance(cache, LRUCache):
+            self.repository.cache = LRUCache(maxsize=cache.maxsize)
 
     def notifications(self, after: int, limit: int = 1000) -> Sequence[Notification]:
         return self.recorder.select_notifications(

@@ -10,11 +10,12 @@ the same notification twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from eventsourcing.domain import DomainEventProtocol
-from sqlalchemy import Connection, insert, select, update
+from eventsourcing.persistence import Recording
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.engine import Engine
 
 from events.ledger import Ledger
@@ -85,6 +86,11 @@ class Projector:
         self._model_rows: dict[str, int] = {}
         self._install_keys: dict[str, tuple[int, str]] = {}
         self._runtime_keys: dict[str, tuple[int, int, str]] = {}
+        self._inserts: dict[str, Any] = {}
+        self._updates: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self._audit_rows: list[dict[str, Any]] = []
+        self._pending_stmt: Any = None
+        self._pending_params: list[dict[str, Any]] = []
         self._handlers: dict[str, Callable[[Connection, Any, str], None]] = {
             "EngineInstance.Registered": self._engine_registered,
             "EngineInstance.ConfigUpdated": self._engine_config_updated,
@@ -115,6 +121,46 @@ class Projector:
             "ModelRuntime.LoadFailed": self._runtime_failed,
             "ModelRuntime.Unloaded": self._runtime_unloaded,
         }
+
+    # -- statements ------------------------------------------------------------------------
+    # Statements are built once and executed with parameters: building SQLAlchemy
+    # statements with literal values per event costs more than executing them.
+    def _insert(self, conn: Connection, table: Any, values: dict[str, Any]) -> None:
+        stmt = self._inserts.get(table.name)
+        if stmt is None:
+            stmt = self._inserts[table.name] = insert(table)
+        self._queue(conn, stmt, values)
+
+    def _update_where(self, conn: Connection, table: Any, agg: str,
+                      values: dict[str, Any]) -> None:
+        key = (table.name, tuple(sorted(values)))
+        stmt = self._updates.get(key)
+        if stmt is None:
+            stmt = self._updates[key] = (
+                update(table)
+                .where(table.c.aggregate_id == bindparam("_agg"))
+                .values({k: bindparam(k) for k in values})
+            )
+        self._queue(conn, stmt, {"_agg": agg, **values})
+
+    def _queue(self, conn: Connection, stmt: Any, params: dict[str, Any]) -> None:
+        """Execute in order, batching runs of the same statement into one executemany."""
+        if stmt is not self._pending_stmt:
+            self._drain(conn)
+            self._pending_stmt = stmt
+        self._pending_params.append(params)
+
+    def _reset_batch(self) -> None:
+        self._audit_rows = []
+        self._pending_stmt = None
+        self._pending_params = []
+
+    def _drain(self, conn: Connection) -> None:
+        """Execute queued statements; called before anything reads the view tables."""
+        if self._pending_params:
+            conn.execute(self._pending_stmt, self._pending_params)
+        self._pending_stmt = None
+        self._pending_params = []
 
     # -- running ---------------------------------------------------------------------------
     def position(self) -> int:
@@ -147,8 +193,10 @@ class Projector:
                     notifications = notifications[: max(0, stop_after - applied)]
                 if not notifications:
                     return applied
+                self._reset_batch()
                 for notification in notifications:
                     self.apply(conn, notification.id, ledger.mapper.to_domain_event(notification))
+                self.flush(conn)
                 conn.execute(
                     update(t.positions)
                     .where(t.positions.c.name == PROJECTION)
@@ -158,7 +206,39 @@ class Projector:
             if len(notifications) < batch:
                 return applied
 
+    def apply_recorded(self, ledger: Ledger, recordings: Sequence[Recording[Any]]) -> int:
+        """Project events this process just saved, without reading them back from the log.
+
+        Falls back to ``catch_up`` when the log holds events the views have not seen
+        before these (another writer, or a crash before the last projection).
+        """
+        if not recordings:
+            return 0
+        first = recordings[0].notification.id
+        with self.engine.connect() as conn, \
+                conn.execution_options(sqlite_immediate=True).begin():
+            if self._read_position(conn, lock=True) == first - 1:
+                self._reset_batch()
+                for recording in recordings:
+                    self.apply(conn, recording.notification.id, recording.domain_event)
+                self.flush(conn)
+                conn.execute(
+                    update(t.positions)
+                    .where(t.positions.c.name == PROJECTION)
+                    .values(position=recordings[-1].notification.id)
+                )
+                return len(recordings)
+        return self.catch_up(ledger)
+
+    def flush(self, conn: Connection) -> None:
+        """Write the audit rows collected by ``apply`` (one multi-row insert per batch)."""
+        self._drain(conn)
+        if self._audit_rows:
+            conn.execute(insert(t.audit_log), self._audit_rows)
+            self._audit_rows = []
+
     def apply(self, conn: Connection, position: int, event: DomainEventProtocol[Any]) -> None:
+        """Apply one event to the view rows; its audit row is written by the next ``flush``."""
         qualname = type(event).__qualname__
         when = event.timestamp.isoformat()  # type: ignore[attr-defined]
         handler = self._handlers.get(qualname)
@@ -185,8 +265,7 @@ class Projector:
         elif kind == "Node":
             node = data.get("node_id") or self._node_of(conn, agg)
         requested_by = data.get("requested_by") or {}
-        conn.execute(
-            insert(t.audit_log).values(
+        self._audit_rows.append(dict(
                 position=position,
                 event_name=EVENT_NAMES.get(qualname, qualname),
                 aggregate_id=agg,
@@ -202,35 +281,45 @@ class Projector:
             )
         )
 
-    def _lookup(self, conn: Connection, cache: dict[str, Any], agg: str, query: Any) -> Any:
+    def _lookup(self, conn: Connection, cache: dict[str, Any], agg: str,
+                query: Callable[[], Any]) -> Any:
         if agg not in cache:
-            row = conn.execute(query).first()
+            self._drain(conn)
+            row = conn.execute(query()).first()
             if row is None:
                 return None
             cache[agg] = tuple(row) if len(row) > 1 else row[0]
         return cache[agg]
 
     def _engine_row(self, conn: Connection, agg: str) -> int | None:
-        q = select(t.engines.c.row_id).where(t.engines.c.aggregate_id == agg)
+        def q() -> Any:
+            return select(t.engines.c.row_id).where(t.engines.c.aggregate_id == agg)
+
         return self._lookup(conn, self._engine_rows, agg, q)
 
     def _model_row(self, conn: Connection, agg: str) -> int | None:
-        q = select(t.models.c.row_id).where(t.models.c.aggregate_id == agg)
+        def q() -> Any:
+            return select(t.models.c.row_id).where(t.models.c.aggregate_id == agg)
+
         return self._lookup(conn, self._model_rows, agg, q)
 
     def _install_key(self, conn: Connection, agg: str) -> tuple[int | None, str | None]:
-        q = select(t.node_installs.c.engine_row_id, t.node_installs.c.node_id).where(
-            t.node_installs.c.aggregate_id == agg
-        )
+        def q() -> Any:
+            c = t.node_installs.c
+            return select(c.engine_row_id, c.node_id).where(c.aggregate_id == agg)
+
         return self._lookup(conn, self._install_keys, agg, q) or (None, None)
 
     def _runtime_key(self, conn: Connection, agg: str) -> tuple[Any, Any, Any]:
-        q = select(
-            t.runtimes.c.engine_row_id, t.runtimes.c.model_row_id, t.runtimes.c.node_id
-        ).where(t.runtimes.c.aggregate_id == agg)
+        def q() -> Any:
+            c = t.runtimes.c
+            return select(c.engine_row_id, c.model_row_id, c.node_id).where(
+                c.aggregate_id == agg)
+
         return self._lookup(conn, self._runtime_keys, agg, q) or (None, None, None)
 
     def _node_of(self, conn: Connection, agg: str) -> str | None:
+        self._drain(conn)
         return conn.execute(
             select(t.nodes.c.node_id).where(t.nodes.c.aggregate_id == agg)
         ).scalar()
@@ -238,8 +327,7 @@ class Projector:
     # -- engines ---------------------------------------------------------------------------
     def _engine_registered(self, conn: Connection, e: Any, when: str) -> None:
         agg = str(e.originator_id)
-        conn.execute(
-            insert(t.engines).values(
+        self._insert(conn, t.engines, dict(
                 row_id=e.row_id, aggregate_id=agg, provider=e.provider, name=e.name,
                 config=e.config, organization_id=_org(e.organization_id),
                 status="registered", supported=False, last_install_event_id=None,
@@ -250,11 +338,8 @@ class Projector:
         self._engine_rows[agg] = e.row_id
 
     def _update_engine(self, conn: Connection, e: Any, when: str, **values: Any) -> None:
-        conn.execute(
-            update(t.engines)
-            .where(t.engines.c.aggregate_id == str(e.originator_id))
-            .values(updated_at=when, **values)
-        )
+        self._update_where(conn, t.engines, str(e.originator_id),
+                           {"updated_at": when, **values})
 
     def _engine_config_updated(self, conn: Connection, e: Any, when: str) -> None:
         self._update_engine(conn, e, when, config=e.config)
@@ -263,6 +348,7 @@ class Projector:
         self._update_engine(conn, e, when, name=e.name)
 
     def _engine_install_requested(self, conn: Connection, e: Any, when: str) -> None:
+        self._drain(conn)
         current = conn.execute(
             select(t.engines.c.status).where(t.engines.c.aggregate_id == str(e.originator_id))
         ).scalar()
@@ -286,8 +372,7 @@ class Projector:
     # -- node installs ---------------------------------------------------------------------
     def _install_queued(self, conn: Connection, e: Any, when: str) -> None:
         agg = str(e.originator_id)
-        conn.execute(
-            insert(t.node_installs).values(
+        self._insert(conn, t.node_installs, dict(
                 engine_row_id=e.engine_row_id, node_id=e.node_id, aggregate_id=agg,
                 status="pending", last_event_id=e.request_event_id, last_error="",
                 engine_version="", fraction=0.0, message="", plan=None, record=None,
@@ -297,11 +382,8 @@ class Projector:
         self._install_keys[agg] = (e.engine_row_id, e.node_id)
 
     def _update_install(self, conn: Connection, e: Any, when: str, **values: Any) -> None:
-        conn.execute(
-            update(t.node_installs)
-            .where(t.node_installs.c.aggregate_id == str(e.originator_id))
-            .values(updated_at=when, **values)
-        )
+        self._update_where(conn, t.node_installs, str(e.originator_id),
+                           {"updated_at": when, **values})
 
     def _install_requeued(self, conn: Connection, e: Any, when: str) -> None:
         self._update_install(conn, e, when, status="pending", last_event_id=e.request_event_id,
@@ -322,19 +404,15 @@ class Projector:
 
     # -- nodes -----------------------------------------------------------------------------
     def _node_joined(self, conn: Connection, e: Any, when: str) -> None:
-        conn.execute(
-            insert(t.nodes).values(
+        self._insert(conn, t.nodes, dict(
                 node_id=e.node_id, aggregate_id=str(e.originator_id), alive=True,
                 facts=e.facts, lost_reason="", joined_at=when, updated_at=when,
             )
         )
 
     def _update_node(self, conn: Connection, e: Any, when: str, **values: Any) -> None:
-        conn.execute(
-            update(t.nodes)
-            .where(t.nodes.c.aggregate_id == str(e.originator_id))
-            .values(updated_at=when, **values)
-        )
+        self._update_where(conn, t.nodes, str(e.originator_id),
+                           {"updated_at": when, **values})
 
     def _node_facts(self, conn: Connection, e: Any, when: str) -> None:
         self._update_node(conn, e, when, facts=e.facts)
@@ -347,6 +425,7 @@ class Projector:
         self._update_node(conn, e, when, alive=False, lost_reason=e.reason)
         node = self._node_of(conn, str(e.originator_id))
         # An install that was still running there will not finish: say so on its row.
+        self._drain(conn)
         conn.execute(
             update(t.node_installs)
             .where(t.node_installs.c.node_id == node)
@@ -357,8 +436,7 @@ class Projector:
     # -- models ----------------------------------------------------------------------------
     def _model_registered(self, conn: Connection, e: Any, when: str) -> None:
         agg = str(e.originator_id)
-        conn.execute(
-            insert(t.models).values(
+        self._insert(conn, t.models, dict(
                 row_id=e.row_id, aggregate_id=agg, name=e.name, display_name=e.display_name,
                 source=e.source, format=e.format, engine_kinds=e.engine_kinds, artifact=None,
                 removed=False, created_at=when, updated_at=when,
@@ -367,11 +445,8 @@ class Projector:
         self._model_rows[agg] = e.row_id
 
     def _update_model(self, conn: Connection, e: Any, when: str, **values: Any) -> None:
-        conn.execute(
-            update(t.models)
-            .where(t.models.c.aggregate_id == str(e.originator_id))
-            .values(updated_at=when, **values)
-        )
+        self._update_where(conn, t.models, str(e.originator_id),
+                           {"updated_at": when, **values})
 
     def _model_updated(self, conn: Connection, e: Any, when: str) -> None:
         self._update_model(conn, e, when, **e.fields)
@@ -385,8 +460,7 @@ class Projector:
     # -- runtimes --------------------------------------------------------------------------
     def _runtime_requested(self, conn: Connection, e: Any, when: str) -> None:
         agg = str(e.originator_id)
-        conn.execute(
-            insert(t.runtimes).values(
+        self._insert(conn, t.runtimes, dict(
                 aggregate_id=agg, engine_row_id=e.engine_row_id, model_row_id=e.model_row_id,
                 node_id=e.node_id, status="loading", pid=None, model_path=None,
                 memory_bytes=None, url=None, app_name=None, error="", unload_reason=None,
@@ -396,11 +470,8 @@ class Projector:
         self._runtime_keys[agg] = (e.engine_row_id, e.model_row_id, e.node_id)
 
     def _update_runtime(self, conn: Connection, e: Any, when: str, **values: Any) -> None:
-        conn.execute(
-            update(t.runtimes)
-            .where(t.runtimes.c.aggregate_id == str(e.originator_id))
-            .values(updated_at=when, **values)
-        )
+        self._update_where(conn, t.runtimes, str(e.originator_id),
+                           {"updated_at": when, **values})
 
     def _runtime_rerequested(self, conn: Connection, e: Any, when: str) -> None:
         self._update_runtime(conn, e, when, status="loading", pid=None, error="",
