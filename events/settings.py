@@ -42,6 +42,14 @@ class Settings(BaseModel):
     # --- provisioning ----------------------------------------------------------
     # Root under which a node installs engines; empty = `home`/engines.
     engine_root: str = ""
+    # Install under `engine_root`/<node id> (several simulated Ray nodes on one machine).
+    engine_root_per_node: bool = False
+    # Seconds between a node agent's refreshes of its node's facts.
+    node_facts_refresh_s: float = 60.0
+    # Seconds between a node agent's periodic reconciles (a safety net for lost notices).
+    node_resync_interval_s: float = 30.0
+    # Seconds between the control plane's checks for Ray nodes that joined or died.
+    node_watch_interval_s: float = 1.0
     # Cache of compiled wheels and downloads; empty = `home`/cache.
     cache_dir: str = ""
     # Allow package-mode installs (pip/uv into an engine environment).
