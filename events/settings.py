@@ -69,6 +69,30 @@ class Settings(BaseModel):
     # Seconds an engine process may take to answer its health endpoint after (re)start.
     engine_ready_timeout_s: float = 300.0
 
+    # --- serving ---------------------------------------------------------------
+    # Address the HTTP gateway binds to (127.0.0.1 = this machine only).
+    gateway_host: str = "127.0.0.1"
+    # TCP port of the HTTP gateway.
+    gateway_port: int = 8765
+    # Requests that may wait (queued, resolving, loading) before the gateway answers 429.
+    gateway_max_queue: int = 64
+    # Requests the gateway runs at once across all runtimes; more wait in the queue.
+    gateway_max_running: int = 16
+    # Seconds a 429 asks the client to wait (Retry-After).
+    gateway_retry_after_s: float = 1.0
+    # Seconds a runtime stays loaded after its last request (0 = unload at once, -1 = never).
+    keep_alive_s: float = 300.0
+    # Seconds running requests may take to finish when their runtime is unloaded.
+    drain_timeout_s: float = 30.0
+    # Where runtimes go among nodes with the engine installed: spread (most free) or pack.
+    placement_strategy: str = "spread"
+    # Bearer token for the /api admin routes; empty = the one `up` stored in `home`.
+    api_token: str = ""
+    # Organization the admin token acts for; tokens of another organization get 403.
+    organization_id: str = ""
+    # API keys accepted on /v1, comma separated; empty = /v1 is open.
+    api_keys: list[str] = Field(default_factory=list)
+
     # --- artifacts -------------------------------------------------------------
     # Shared artifact store directory; empty = `home`/artifacts.
     artifact_store: str = ""
