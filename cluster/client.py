@@ -29,7 +29,45 @@ class LocalBackend:
         self.control_plane = control_plane
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        node_method = getattr(self, f"_node_{method}", None)
+        if node_method is not None:  # the cluster-wide questions, answered for this node
+            return await asyncio.to_thread(node_method, *args, **kwargs)
         return getattr(self.control_plane, method)(*args, **kwargs)
+
+    def _local_node(self) -> Any:
+        from engines.node import Node
+
+        cp = self.control_plane
+        return Node.local(cp.settings, node_id=cp.source_node_id)
+
+    def _node_check_ready(self, engine_registry_id: int) -> dict[str, Any]:
+        from actors.node_install import aggregate_ready, check_ready_on
+
+        engine = self.control_plane.get_engine(engine_registry_id)
+        return aggregate_ready(engine, [check_ready_on(self._local_node(), engine)])
+
+    def _node_is_supported(self, engine_registry_id: int) -> dict[str, Any]:
+        from actors.node_install import support_by_node
+
+        cp = self.control_plane
+        return support_by_node(cp.get_engine(engine_registry_id), cp.list_nodes())
+
+    def _node_sync_runtime(self) -> dict[str, Any]:
+        """In-process there are no agents: this process plays its own node when that node
+        has joined, running each due install to the end before returning."""
+        from actors.node_install import run_install
+
+        cp = self.control_plane
+        node_id = cp.source_node_id
+        if not any(n["node_id"] == node_id and n["alive"] for n in cp.list_nodes()):
+            return {"nodes": []}
+        node = self._local_node()
+        desired = cp.desired_installs(node_id)
+        for item in desired:
+            run_install(item, node, lambda method, *a: getattr(cp, method)(*a))
+        return {"nodes": [{"node_id": node_id,
+                           "started": [d["engine_registry_id"] for d in desired],
+                           "running": []}]}
 
     async def close(self) -> None:
         self.control_plane.close()
@@ -147,6 +185,22 @@ class Engines:
 
     async def list_providers(self) -> list[dict[str, Any]]:
         return await self._b.call("list_providers")
+
+    async def check_ready(self, engine_registry_id: int) -> dict[str, Any]:
+        """Readiness of a row on every node, found by looking at each node's installed
+        engine: ``{engine_registry_id, engine_id, ready, nodes: [{node_id, ready,
+        missing_shared, missing_local, engine_version}]}``; ready when every node is."""
+        return await self._b.call("check_ready", engine_registry_id)
+
+    async def is_supported(self, engine_registry_id: int) -> dict[str, Any]:
+        """Whether each alive node can run the row's provider, from the facts it reported:
+        ``{engine_registry_id, engine_id, supported, nodes: [{node_id, supported, reason}]}``."""
+        return await self._b.call("is_supported", engine_registry_id)
+
+    async def sync_runtime(self) -> dict[str, Any]:
+        """Make every node reconcile now (start the installs that are due; never loads a
+        model): ``{nodes: [{node_id, started, running}]}``."""
+        return await self._b.call("sync_runtime")
 
 
 class Nodes:
