@@ -117,6 +117,7 @@ class ControlPlane:
         self.source_node_id = node_id or socket.gethostname()
         self._lock = threading.RLock()
         self._listeners: list[Listener] = []
+        self._last_ids: dict[str, int] = {}
         self.catch_up()
 
     def close(self) -> None:
@@ -211,18 +212,35 @@ class ControlPlane:
 
     def _create_with_new_id(self, kind: str, name: str, next_id: Callable[[], int],
                             build: Callable[[int], Aggregate]) -> int:
-        """Allocate the next integer id without races: a conflicting save retries higher."""
-        row_id = next_id()
+        """Allocate the next integer id and claim the name without races.
+
+        Optimistic: the save creates a fresh name claim; if it conflicts, the stored
+        claim says whether the name is taken (refused), was released (reclaimed), or
+        whether it was the id that another writer took (retry with the next id).
+        """
+        row_id = max(next_id(), self._last_ids.get(kind, 0) + 1)
+        claim: NameClaim | None = None
         for _ in range(MAX_ID_RETRIES):
-            claim = self._claim(kind, name, row_id)
+            if claim is None:
+                claim = NameClaim(kind=kind, name=name, owner_row_id=row_id)
             try:
-                self.ledger.save_all(build(row_id), claim)
+                recordings = self.ledger.save_all(build(row_id), claim)
             except ConcurrentWrite:
-                # Another writer took the id or the name; find out which and retry or refuse.
-                self._claim(kind, name, row_id)
-                row_id += 1
+                stored = self.ledger.load(name_claim_id(kind, name), NameClaim)
+                if stored is not None and stored.owner_row_id is not None:
+                    raise DuplicateName(
+                        f"{kind} name {name!r} is already used by {kind} "
+                        f"{stored.owner_row_id}; choose another name or delete that row first"
+                    ) from None
+                if stored is not None and claim.version == 1:
+                    claim = stored  # the name was released: take it over at this id
+                    claim.reclaim(row_id)
+                else:
+                    row_id += 1  # another writer took this id
+                    claim = None
                 continue
-            self.catch_up()
+            self.projector.apply_recorded(self.ledger, recordings)
+            self._last_ids[kind] = row_id
             return row_id
         raise Conflict(f"could not allocate a {kind} id after {MAX_ID_RETRIES} tries; retry")
 

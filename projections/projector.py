@@ -60,6 +60,11 @@ EVENT_NAMES: dict[str, str] = {
     "ModelRuntime.Unloaded": "model.unloaded",
 }
 
+_POSITION = select(t.positions.c.position).where(t.positions.c.name == PROJECTION)
+_POSITION_FOR_UPDATE = _POSITION.with_for_update()
+_SET_POSITION = update(t.positions).where(t.positions.c.name == PROJECTION).values(
+    position=bindparam("position"))
+
 _ENVELOPE = {"originator_id", "originator_version", "originator_topic", "timestamp"}
 
 
@@ -168,10 +173,8 @@ class Projector:
             return self._read_position(conn, lock=False)
 
     def _read_position(self, conn: Connection, *, lock: bool) -> int:
-        query = select(t.positions.c.position).where(t.positions.c.name == PROJECTION)
-        if lock and conn.dialect.name == "postgresql":
-            query = query.with_for_update()
-        value = conn.execute(query).scalar()
+        locked = lock and conn.dialect.name == "postgresql"
+        value = conn.execute(_POSITION_FOR_UPDATE if locked else _POSITION).scalar()
         if value is None:
             conn.execute(insert(t.positions).values(name=PROJECTION, position=0))
             return 0
@@ -197,11 +200,7 @@ class Projector:
                 for notification in notifications:
                     self.apply(conn, notification.id, ledger.mapper.to_domain_event(notification))
                 self.flush(conn)
-                conn.execute(
-                    update(t.positions)
-                    .where(t.positions.c.name == PROJECTION)
-                    .values(position=notifications[-1].id)
-                )
+                conn.execute(_SET_POSITION, {"position": notifications[-1].id})
                 applied += len(notifications)
             if len(notifications) < batch:
                 return applied
@@ -222,11 +221,7 @@ class Projector:
                 for recording in recordings:
                     self.apply(conn, recording.notification.id, recording.domain_event)
                 self.flush(conn)
-                conn.execute(
-                    update(t.positions)
-                    .where(t.positions.c.name == PROJECTION)
-                    .values(position=recordings[-1].notification.id)
-                )
+                conn.execute(_SET_POSITION, {"position": recordings[-1].notification.id})
                 return len(recordings)
         return self.catch_up(ledger)
 

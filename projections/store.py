@@ -52,7 +52,17 @@ def open_views(settings: Settings) -> Engine:
     """An engine on the views database for these settings, with the tables created."""
     if settings.database_url:
         url, schema = postgres_url(settings.database_url)
-        engine = create_engine(url, pool_pre_ping=True)
+        engine = create_engine(url, pool_recycle=3600)
+
+        @event.listens_for(engine, "connect")
+        def _async_commit(dbapi_conn: Any, _record: Any) -> None:
+            # Views are rebuildable from the (durable) log, and a view batch commits
+            # atomically with its position: losing the last few batches in a server
+            # crash only means replaying them. So view commits need not wait for fsync.
+            with dbapi_conn.cursor() as cur:
+                cur.execute("SET synchronous_commit TO off")
+            dbapi_conn.commit()
+
         if schema:
             engine = engine.execution_options(schema_translate_map={None: schema})
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, bindparam, func, select
 
 from projections import tables as t
 
@@ -31,9 +31,12 @@ def engine_payload(row: Any) -> dict[str, Any]:
     }
 
 
+_ENGINE_BY_ID = select(t.engines).where(t.engines.c.row_id == bindparam("row_id"))
+
+
 def engine_row(conn: Connection, row_id: int) -> Any | None:
     """The engine's view row, removed rows included; None if the id was never used."""
-    return conn.execute(select(t.engines).where(t.engines.c.row_id == row_id)).first()
+    return conn.execute(_ENGINE_BY_ID, {"row_id": row_id}).first()
 
 
 def list_engines(conn: Connection, provider: str | None = None,
