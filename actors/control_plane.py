@@ -22,8 +22,15 @@ from typing import Any
 from eventsourcing.domain import Aggregate
 
 from actors.errors import BadInput, Conflict, DuplicateName, LifecycleFieldRefused, NotFound
+from engines.artifacts import ArtifactError, DirectoryArtifactStore, ProgressCallback
 from engines.base import ConfigError, EngineProvider, NodeFacts
+from engines.gguf_meta import ModelMetadataError, read_model_meta
+from engines.planning import ModelNotFound, PlanRefused, RuntimeConfig
+from engines.planning import plan as plan_runtime
+from engines.planning import resolve as resolve_reference
 from engines.registry import UnknownProvider, get_provider, list_providers
+from engines.resources import EstimateError, fits
+from engines.resources import estimate as estimate_resources
 from events.common import (
     BadRequester,
     DomainError,
@@ -118,6 +125,7 @@ class ControlPlane:
         self._lock = threading.RLock()
         self._listeners: list[Listener] = []
         self._last_ids: dict[str, int] = {}
+        self._artifacts: DirectoryArtifactStore | None = None
         self.catch_up()
 
     def close(self) -> None:
@@ -884,6 +892,131 @@ class ControlPlane:
                                     self._who(requested_by), task_id):
                 self._save(model)
             return self.get_model(model.row_id)
+
+    # -- media and resources -----------------------------------------------------------------
+    def artifact_store(self) -> DirectoryArtifactStore:
+        """The shared artifact store (``ROUNDHOUSE_ARTIFACT_STORE``, default in the home)."""
+        if self._artifacts is None:
+            self._artifacts = DirectoryArtifactStore.from_settings(self.settings)
+        return self._artifacts
+
+    def add_model_from_source(self, name: Any, source: Any,
+                              progress: ProgressCallback | None = None,
+                              display_name: str | None = None, format: str | None = None,
+                              engine_kinds: list[str] | None = None,
+                              requested_by: Mapping[str, Any] | None = None,
+                              task_id: str | None = None) -> str:
+        """Materialize a source into the shared artifact store and record it; return its ref.
+
+        The download happens first and nothing is recorded unless it completes and
+        verifies. The artifact is recorded on the model registered under ``name``;
+        if there is none, one is registered (format inferred from the files).
+        """
+        name = _check_name(name, "name")
+        src = self._check_source(source)
+        who = self._who(requested_by)
+        try:
+            manifest = self.artifact_store().add_from_source(name, src, progress)
+        except ArtifactError as exc:
+            raise BadInput(f"could not store {name!r}: {exc}") from None
+        artifact = manifest.to_dict()
+        with self._command():
+            with self.views.connect() as conn:
+                existing = views.model_by_name(conn, name)
+            if existing is None:
+                guessed = "gguf" if manifest.primary_path.endswith(".gguf") else "safetensors"
+                row = self.create_model(name, display_name, manifest.source, format or guessed,
+                                        engine_kinds, requested_by=who, task_id=task_id)
+                model_row_id = row["id"]
+            else:
+                model_row_id = existing.row_id
+            self.record_artifact_stored(model_row_id, artifact, requested_by=who,
+                                        task_id=task_id)
+        return manifest.ref
+
+    def model_path(self, model_registry_id: Any) -> str:
+        """Where the model's weights are on this machine: its stored artifact (file or
+        directory), else its ``local`` source path. Refuses models with neither."""
+        model = self.get_model(model_registry_id)
+        artifact = model.get("artifact")
+        if artifact:
+            root = self.artifact_store().local_path(artifact["ref"])
+            if artifact.get("kind") == "file":
+                return str(root / artifact["files"][0]["path"])
+            return str(root)
+        if model["source"].get("type") == "local":
+            return str(model["source"]["path"])
+        raise Conflict(
+            f"model {model['id']} ({model['name']}) has no stored artifact yet; fetch it with "
+            f"sdk.media.add_model_from_source({model['name']!r}, source=...)"
+        )
+
+    def _alive_facts(self) -> list[NodeFacts]:
+        with self.views.connect() as conn:
+            return [NodeFacts.model_validate({**n.facts, "node_id": n.node_id})
+                    for n in views.alive_nodes(conn)]
+
+    def evaluate_model_resources(self, model_registry_id: Any, context_length: Any,
+                                 runtime_overrides: Mapping[str, Any] | None = None,
+                                 provider: str | None = None) -> dict[str, Any]:
+        """Estimate weights, KV cache and compute buffers at ``context_length``, split into
+        VRAM and RAM, and say for every alive node whether it fits."""
+        if isinstance(context_length, bool) or not isinstance(context_length, int) \
+                or context_length < 1:
+            raise BadInput(f"context_length must be a positive integer, got {context_length!r}")
+        model = self.get_model(model_registry_id)
+        engine = provider or model["engine_kinds"][0]
+        self._provider(engine)
+        overrides = _check_json_object(runtime_overrides, "runtime_overrides")
+        try:
+            meta = read_model_meta(self.model_path(model["id"]))
+            estimate = estimate_resources(meta, context_length, engine, overrides)
+        except (ModelMetadataError, EstimateError, ValueError) as exc:
+            raise BadInput(f"cannot estimate model {model['id']}: {exc}") from None
+        payload = estimate.to_dict()
+        payload["model_registry_id"] = model["id"]
+        payload["nodes"] = [fits(estimate, node).to_dict() for node in self._alive_facts()]
+        return payload
+
+    def resolve_model(self, model_reference: Any) -> dict[str, Any]:
+        """Resolved metadata of a model without loading it: a registered name or id, or a
+        path / artifact ref under the node's models directory."""
+        reference = model_reference
+        if isinstance(reference, int) or (isinstance(reference, str) and reference.isdigit()):
+            reference = self.model_path(reference)
+        elif isinstance(reference, str):
+            with self.views.connect() as conn:
+                row = views.model_by_name(conn, reference)
+            if row is not None:
+                reference = self.model_path(row.row_id)
+        else:
+            raise BadInput(f"model_reference must be a name, id or path, got {reference!r}")
+        try:
+            return resolve_reference(str(reference), self.settings.home / "models").to_dict()
+        except (ModelNotFound, ModelMetadataError) as exc:
+            raise NotFound(str(exc)) from None
+
+    def plan_runtime(self, model_registry_id: Any, engine: str = "llamacpp",
+                     context_length: int | None = None, device: str = "auto",
+                     gpu_layers: int | None = None, kv_cache_type: str = "f16",
+                     node_id: str | None = None, allow_cpu_fallback: bool = True,
+                     overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The runtime plan for a registered model (engine, node, device, GPU layers,
+        context, KV type and any fallback with its reason) without loading anything."""
+        self._provider(engine)
+        config = RuntimeConfig(
+            model=self.model_path(model_registry_id), engine=engine,  # type: ignore[arg-type]
+            context_length=context_length, device=device,  # type: ignore[arg-type]
+            gpu_layers=gpu_layers, kv_cache_type=kv_cache_type, node_id=node_id,
+            allow_cpu_fallback=allow_cpu_fallback, nodes=self._alive_facts(),
+            overrides=_check_json_object(overrides, "overrides"),
+        )
+        try:
+            return plan_runtime(config).to_dict()
+        except PlanRefused as exc:
+            raise Conflict(str(exc)) from None
+        except (ModelNotFound, ModelMetadataError, EstimateError, ValueError) as exc:
+            raise BadInput(str(exc)) from None
 
     # -- runtimes ----------------------------------------------------------------------------
     def _runtime(self, engine_row_id: int, model_row_id: int, node: str) -> ModelRuntime | None:

@@ -186,6 +186,23 @@ class Engines:
     async def list_providers(self) -> list[dict[str, Any]]:
         return await self._b.call("list_providers")
 
+    async def evaluate_model_resources(self, model_registry_id: int, context_length: int,
+                                       runtime_overrides: dict[str, Any] | None = None
+                                       ) -> dict[str, Any]:
+        """``{weights_bytes, kv_cache_bytes, compute_bytes, vram_bytes, ram_bytes, nodes}``
+        for a registered model at ``context_length``; ``nodes`` says where it fits."""
+        return await self._b.call("evaluate_model_resources", model_registry_id,
+                                  context_length, runtime_overrides)
+
+    async def resolve_model(self, model_reference: str | int) -> dict[str, Any]:
+        """Resolved metadata of a model (registered name/id, path or ref), without loading."""
+        return await self._b.call("resolve_model", model_reference)
+
+    async def plan_runtime(self, model_registry_id: int, **config: Any) -> dict[str, Any]:
+        """The runtime plan (engine, node, device, GPU layers, context, KV type, fallback)
+        for a registered model, without loading it; refused when nothing truthful fits."""
+        return await self._b.call("plan_runtime", model_registry_id, **config)
+
     async def check_ready(self, engine_registry_id: int) -> dict[str, Any]:
         """Readiness of a row on every node, found by looking at each node's installed
         engine: ``{engine_registry_id, engine_id, ready, nodes: [{node_id, ready,
@@ -201,6 +218,29 @@ class Engines:
         """Make every node reconcile now (start the installs that are due; never loads a
         model): ``{nodes: [{node_id, started, running}]}``."""
         return await self._b.call("sync_runtime")
+
+
+class Media:
+    """The shared artifact store: weights and engine assets, fetched once, verified, shared."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._b = backend
+
+    async def add_model_from_source(self, name: str, source: dict[str, Any],
+                                    progress: Any = None, display_name: str | None = None,
+                                    format: str | None = None,
+                                    engine_kinds: list[str] | None = None,
+                                    requested_by: dict[str, Any] | None = None,
+                                    task_id: str | None = None) -> str:
+        """Store a ``huggingface`` / ``local`` / ``url`` source and return its storage ref.
+
+        ``progress(filename, bytes_downloaded, total_bytes_or_None, file_index)`` is
+        called as it downloads. The artifact (every file's sha256 and size) is recorded
+        on the model registered under ``name``, registering one if there is none.
+        """
+        return await self._b.call("add_model_from_source", name, source, progress,
+                                  display_name, format, engine_kinds,
+                                  requested_by=requested_by, task_id=task_id)
 
 
 class Nodes:
@@ -272,6 +312,7 @@ class SDK:
         self.models = Models(backend)
         self.engines = Engines(backend)
         self.nodes = Nodes(backend)
+        self.media = Media(backend)
         self.audit = Audit(backend)
 
     async def close(self) -> None:
