@@ -35,7 +35,7 @@ async def test_openai_client_gets_real_smollm2_answers_through_the_gateway(
         stream = await client.chat.completions.create(
             model="smollm2", messages=messages, max_tokens=8, temperature=0,  # type: ignore[arg-type]
             stream=True)
-        pieces = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+        pieces = [c.choices[0].delta.content or "" async for c in stream if c.choices]  # type: ignore[union-attr]
         assert len(pieces) > 1 and "".join(pieces).strip()
         assert st.serving.orchestrator.loads == 1
         result = await st.serving.unload_loaded_model(st.engine_id, st.model_id)
