@@ -1,7 +1,7 @@
 """The ``roundhouse`` command.
 
     roundhouse up [--address ADDR]      start a Ray head here (or attach) and the control plane
-    roundhouse down [--address ADDR]    remove the control plane and agents; stop a head `up` started
+    roundhouse down [--address ADDR]    remove the control plane; stop a head `up` started
     roundhouse status                   the control plane and the nodes
     roundhouse engines list|create|show|activate
     roundhouse install ID [--force] [--wait]   with a live per-node progress table
