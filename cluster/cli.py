@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -131,7 +131,7 @@ def down(address: str | None = AddressOption) -> None:
         _fail("nothing to stop: no --address and no head recorded by `roundhouse up`")
     assert target is not None
     try:
-        ray.init(address=target, logging_level="WARNING", log_to_driver=False)
+        ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False)
         stop(None, remove_control_plane=True)
     except ConnectionError as exc:
         typer.echo(f"roundhouse: the cluster at {target} does not answer ({exc})", err=True)
@@ -241,4 +241,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
