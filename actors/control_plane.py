@@ -126,9 +126,15 @@ class ControlPlane:
         self._listeners: list[Listener] = []
         self._last_ids: dict[str, int] = {}
         self._artifacts: DirectoryArtifactStore | None = None
+        self._poller: tuple[threading.Thread, threading.Event] | None = None
         self.catch_up()
 
     def close(self) -> None:
+        if self._poller is not None:
+            thread, stop = self._poller
+            stop.set()
+            thread.join(timeout=5)
+            self._poller = None
         self.views.dispose()
         self.ledger.close()
 
@@ -147,6 +153,28 @@ class ControlPlane:
     def catch_up(self) -> int:
         """Project every saved event not yet in the views; return how many."""
         return self.projector.catch_up(self.ledger)
+
+    def start_polling(self, interval_s: float | None = None) -> None:
+        """Catch the views up every ``interval_s`` seconds in a background thread (default
+        ``ROUNDHOUSE_PROJECTION_POLL_INTERVAL_S``), for events that other writers save (a
+        second control plane on PostgreSQL, a writer that crashed before projecting).
+        Stopped by ``close()``."""
+        if self._poller is not None:
+            return
+        interval = interval_s or self.settings.projection_poll_interval_s
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(interval):
+                try:
+                    with self._lock:
+                        self.catch_up()
+                except Exception:  # keep polling; the next round retries
+                    log.exception("projection catch-up failed; retrying in %.1fs", interval)
+
+        thread = threading.Thread(target=poll, name="roundhouse-projection-poll", daemon=True)
+        self._poller = (thread, stop)
+        thread.start()
 
     def _save(self, *aggregates: Aggregate) -> None:
         self.projector.apply_recorded(self.ledger, self.ledger.save_all(*aggregates))

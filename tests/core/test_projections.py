@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -217,3 +218,23 @@ async def test_audit_filters(sdk: SDK) -> None:
     first = by_engine[0]["timestamp"]
     assert all(e["timestamp"] >= first for e in await sdk.audit.events(since=first))
     assert await sdk.audit.events(until="2000-01-01T00:00:00+00:00") == []
+
+
+def test_a_polling_reader_sees_another_writers_events(settings: Settings) -> None:
+    writer = ControlPlane(settings, node_id="w")
+    reader = ControlPlane(settings, node_id="r")
+    reader.start_polling(0.02)
+    try:
+        # Saved but not projected by its writer (another process, or one that crashed).
+        writer.ledger.save_all(EngineInstance(row_id=1, provider="llamacpp",
+                                              name="from-the-writer", config={},
+                                              organization_id=None, requested_by={},
+                                              task_id=None))
+        deadline = time.monotonic() + 30
+        while not reader.list_engines() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [r["name"] for r in reader.list_engines()] == ["from-the-writer"]
+        assert reader.verify()["differences"] == []
+    finally:
+        reader.close()
+        writer.close()
