@@ -118,7 +118,7 @@ def start_gateway(settings: Settings, node_id: str | None = None) -> str:
 def stop_gateway(unload_reason: str = "stop_engine") -> None:
     """Unload every runtime, then delete the gateway and the runtime applications."""
     with contextlib.suppress(Exception):
-        serve.get_app_handle(GATEWAY_APP).shutdown.remote(unload_reason).result(timeout_s=120)
+        serve.get_app_handle(GATEWAY_APP).shutdown.remote(unload_reason).result(timeout_s=120)  # type: ignore[attr-defined]
     with contextlib.suppress(Exception):
         for name in list(serve.status().applications):
             if name == GATEWAY_APP or name.startswith("runtime-"):

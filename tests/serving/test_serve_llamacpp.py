@@ -59,7 +59,7 @@ async def test_runtime_is_a_pinned_serve_app_and_answers_through_the_gateway(
     assert await serving.call("list_loaded_models") == []
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused")
     answer = await client.chat.completions.create(
-        model="smollm2", messages=[{"role": "user", "content": "Say hello."}],  # type: ignore[list-item]
+        model="smollm2", messages=[{"role": "user", "content": "Say hello."}],
         max_tokens=8, temperature=0)
     assert answer.choices[0].message.content
     rows = await serving.call("list_loaded_models")
