@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -125,8 +126,8 @@ class ControlPlaneActor:
             return target(*args, **(kwargs or {}))
 
     def ping(self) -> dict[str, Any]:
-        """``{node_id, agents}``: proves the actor is up."""
-        return {"node_id": self.node_id, "agents": sorted(self._agents)}
+        """``{node_id, pid, agents}``: proves the actor is up."""
+        return {"node_id": self.node_id, "pid": os.getpid(), "agents": sorted(self._agents)}
 
     # -- notifications ------------------------------------------------------------------
     def _on_change(self, kind: str, detail: dict[str, Any]) -> None:
