@@ -226,3 +226,22 @@ async def test_deactivate_unloads_the_engines_runtimes(tmp_path: Path, model_fil
             refused = await http.post("/v1/chat/completions", json=CHAT)
             assert refused.status_code == 503
             assert refused.json()["error"]["code"] == "engine_unavailable"
+
+
+async def test_sdk_ai_handle_is_lazy_and_warmup_loads(tmp_path: Path, model_file: Path) -> None:
+    from cluster.serve_sdk import LocalServing, attach_serving
+
+    async with gateway_stack(tmp_path, model_path=model_file, prepare=fake_preparer()) as st:
+        sdk = attach_serving(st.sdk, LocalServing(st.serving))
+        provider = await sdk.ai.get_provider_by_model_registry_id(st.model_id)
+        assert provider.model == "smollm2"
+        assert await sdk.engines.list_loaded_models() == []
+        assert (await sdk.ai.warmup_provider(provider, wait=True))["status"] == "loaded"
+        rows = await sdk.engines.list_loaded_models(st.engine_id)
+        assert len(rows) == 1 and pid_alive(int(rows[0]["pid"]))
+        assert await sdk.engines.list_active_jobs() == []
+        synced = await sdk.engines.sync_runtime()
+        assert synced["runtime"] == {"status": "ok", "removed_apps": [], "marked_unloaded": []}
+        assert len(await sdk.engines.list_loaded_models()) == 1  # sync never unloads or loads
+        assert await sdk.engines.stop_engine(st.engine_id) == {"status": "ok", "stopped": True}
+        assert await sdk.engines.list_loaded_models() == []
