@@ -32,6 +32,7 @@ from engines.registry import UnknownProvider, get_provider, list_providers
 from engines.resources import EstimateError, fits
 from engines.resources import estimate as estimate_resources
 from events.common import (
+    SYSTEM_ACTOR,
     BadRequester,
     DomainError,
     engine_id,
@@ -228,26 +229,30 @@ class ControlPlane:
         assert row is not None, f"engine {row_id} saved but not projected"
         return views.engine_payload(row)
 
-    def _claim(self, kind: str, name: str, owner: int) -> NameClaim:
+    def _claim(self, kind: str, name: str, owner: int,
+               requested_by: dict[str, Any] | None = None) -> NameClaim:
         claim = self.ledger.load(name_claim_id(kind, name), NameClaim)
         if claim is None:
-            return NameClaim(kind=kind, name=name, owner_row_id=owner)
+            return NameClaim(kind=kind, name=name, owner_row_id=owner,
+                             requested_by=requested_by)
         if claim.owner_row_id is not None:
             raise DuplicateName(
                 f"{kind} name {name!r} is already used by {kind} {claim.owner_row_id}; "
                 "choose another name or delete that row first"
             )
-        claim.reclaim(owner)
+        claim.reclaim(owner, requested_by)
         return claim
 
-    def _release(self, kind: str, name: str) -> NameClaim:
+    def _release(self, kind: str, name: str,
+                 requested_by: dict[str, Any] | None = None) -> NameClaim:
         claim = self.ledger.load(name_claim_id(kind, name), NameClaim)
         assert claim is not None, f"{kind} name {name!r} has no claim"
-        claim.release()
+        claim.release(requested_by)
         return claim
 
     def _create_with_new_id(self, kind: str, name: str, next_id: Callable[[], int],
-                            build: Callable[[int], Aggregate]) -> int:
+                            build: Callable[[int], Aggregate],
+                            requested_by: dict[str, Any]) -> int:
         """Allocate the next integer id and claim the name without races.
 
         Optimistic: the save creates a fresh name claim; if it conflicts, the stored
@@ -258,7 +263,8 @@ class ControlPlane:
         claim: NameClaim | None = None
         for _ in range(MAX_ID_RETRIES):
             if claim is None:
-                claim = NameClaim(kind=kind, name=name, owner_row_id=row_id)
+                claim = NameClaim(kind=kind, name=name, owner_row_id=row_id,
+                                  requested_by=requested_by)
             try:
                 recordings = self.ledger.save_all(build(row_id), claim)
             except ConcurrentWrite:
@@ -270,7 +276,7 @@ class ControlPlane:
                     ) from None
                 if stored is not None and claim.version == 1:
                     claim = stored  # the name was released: take it over at this id
-                    claim.reclaim(row_id)
+                    claim.reclaim(row_id, requested_by)
                 else:
                     row_id += 1  # another writer took this id
                     claim = None
@@ -306,6 +312,7 @@ class ControlPlane:
                 lambda rid: EngineInstance(row_id=rid, provider=prov.id, name=name, config=cfg,
                                            organization_id=org, requested_by=who,
                                            task_id=task_id),
+                who,
             )
             self._notify("engine.registered", {"engine_registry_id": row_id})
             return self._engine_payload(row_id)
@@ -354,8 +361,8 @@ class ControlPlane:
             if "name" in fields:
                 new_name = _check_name(fields["name"], "name")
                 if new_name != engine.name:
-                    changed.append(self._claim("engine", new_name, engine.row_id))
-                    changed.append(self._release("engine", engine.name))
+                    changed.append(self._claim("engine", new_name, engine.row_id, who))
+                    changed.append(self._release("engine", engine.name, who))
                     engine.rename(new_name, who, task_id)
             if engine.pending_events:
                 try:
@@ -374,8 +381,9 @@ class ControlPlane:
             if engine.status is EngineStatus.ACTIVE:
                 raise Conflict(f"engine {engine.row_id} is active; deactivate it with "
                                "sdk.engines.deactivate_instance before deleting it")
-            engine.remove(self._who(requested_by), task_id)
-            self._save(engine, self._release("engine", engine.name))
+            who = self._who(requested_by)
+            engine.remove(who, task_id)
+            self._save(engine, self._release("engine", engine.name, who))
             self._notify("engine.removed", {"engine_registry_id": engine.row_id})
             return {"status": "ok", "id": engine.row_id, "deleted": True}
 
@@ -439,7 +447,8 @@ class ControlPlane:
         )
         with self.views.connect() as conn:
             nodes = [r.node_id for r in views.alive_nodes(conn)]
-        installs = [self._queue_install(engine.row_id, node, event_id, force) for node in nodes]
+        installs = [self._queue_install(engine.row_id, node, event_id, force, who, task_id)
+                    for node in nodes]
         self._save(engine, *[i for i in installs if i.pending_events])
         payload = self.install_event(engine.row_id)
         self._notify("engine.install.requested", payload)
@@ -471,13 +480,14 @@ class ControlPlane:
             "task_id": data["task_id"],
         }
 
-    def _queue_install(self, engine_row_id: int, node: str, event_id: str,
-                       force: bool) -> NodeInstall:
+    def _queue_install(self, engine_row_id: int, node: str, event_id: str, force: bool,
+                       requested_by: dict[str, Any], task_id: str | None) -> NodeInstall:
         install = self.ledger.load(node_install_id(engine_row_id, node), NodeInstall)
         if install is None:
             return NodeInstall(engine_row_id=engine_row_id, node_id=node,
-                               request_event_id=event_id, force=force)
-        install.queue(event_id, force)
+                               request_event_id=event_id, force=force,
+                               requested_by=requested_by, task_id=task_id)
+        install.queue(event_id, force, requested_by, task_id)
         return install
 
     def install_status(self, engine_registry_id: Any) -> dict[str, Any]:
@@ -513,7 +523,8 @@ class ControlPlane:
                                f"engine {engine.row_id}; reconcile against "
                                f"{engine.last_install_event_id}")
             install = NodeInstall(engine_row_id=engine.row_id, node_id=node_id,
-                                  request_event_id=request_event_id, force=False)
+                                  request_event_id=request_event_id, force=False,
+                                  requested_by=SYSTEM_ACTOR, task_id=None)
         return engine, install
 
     def _report(self, engine: EngineInstance, install: NodeInstall, kind: str) -> None:
@@ -536,9 +547,10 @@ class ControlPlane:
         request = engine.last_install_event_id or ""
         if engine.status is EngineStatus.INSTALLING and install.request_event_id == request:
             if settled == InstallState.INSTALLED:
-                engine.complete_install(request)
+                engine.complete_install(request, install.agent, install.task_id)
             elif settled == InstallState.ERROR:
-                engine.fail_install(request, f"node {install.node_id}: {install.last_error}")
+                engine.fail_install(request, f"node {install.node_id}: {install.last_error}",
+                                    install.agent, install.task_id)
         self._save(install, engine)
         self._notify(kind, {"engine_registry_id": engine.row_id, "node_id": install.node_id})
 
@@ -630,7 +642,8 @@ class ControlPlane:
             changed: list[Aggregate] = []
             arriving = node is None or not node.alive
             if node is None:
-                node = Node(node_id=node_id, facts=clean)
+                node = Node(node_id=node_id, facts=clean,
+                            requested_by={**SYSTEM_ACTOR, "actor": f"node:{node_id}"})
             elif not node.alive:
                 node.rejoin(clean)
             else:
@@ -641,7 +654,11 @@ class ControlPlane:
                 for engine in self.list_engines():
                     request = engine["last_install_event_id"]
                     if request:
-                        install = self._queue_install(engine["id"], node_id, request, False)
+                        # The late node answers the same request, on behalf of who made it.
+                        asked = self.install_event(engine["id"])
+                        install = self._queue_install(engine["id"], node_id, request,
+                                                      asked["force"], asked["requested_by"],
+                                                      asked["task_id"])
                         if install.pending_events:
                             changed.append(install)
             if not changed:
@@ -657,7 +674,7 @@ class ControlPlane:
                 raise NotFound(f"node {node_id!r} never joined; list nodes with sdk.nodes()")
             if not node.alive:
                 return False
-            node.mark_lost(reason)
+            node.mark_lost(reason, SYSTEM_ACTOR)
             self._save(node)
             self._notify("node.lost", {"node_id": node_id})
             return True
@@ -835,6 +852,7 @@ class ControlPlane:
                                               source=src, format=format,
                                               engine_kinds=list(kinds), requested_by=who,
                                               task_id=task_id),
+                who,
             )
             self._notify("model.registered", {"model_registry_id": row_id})
             return self.get_model(row_id)
@@ -870,6 +888,7 @@ class ControlPlane:
                 raise BadInput(f"unknown model fields {unknown}; updatable fields are "
                                f"{sorted(allowed)}")
             model = self._model(row_id)
+            who = self._who(requested_by)
             clean: dict[str, Any] = {}
             changed: list[Aggregate] = [model]
             if "display_name" in fields:
@@ -890,10 +909,10 @@ class ControlPlane:
             if "name" in fields:
                 new_name = _check_name(fields["name"], "name")
                 if new_name != model.name:
-                    changed.append(self._claim("model", new_name, model.row_id))
-                    changed.append(self._release("model", model.name))
+                    changed.append(self._claim("model", new_name, model.row_id, who))
+                    changed.append(self._release("model", model.name, who))
                     clean["name"] = new_name
-            if model.update(clean, self._who(requested_by), task_id):
+            if model.update(clean, who, task_id):
                 self._save(*changed)
             return self.get_model(model.row_id)
 
@@ -907,8 +926,9 @@ class ControlPlane:
                 raise Conflict(f"model {model.row_id} is loaded on engine "
                                f"{resident[0].engine_row_id}; unload it with "
                                "sdk.engines.unload_loaded_model first")
-            model.remove(self._who(requested_by), task_id)
-            self._save(model, self._release("model", model.name))
+            who = self._who(requested_by)
+            model.remove(who, task_id)
+            self._save(model, self._release("model", model.name, who))
             return {"status": "ok", "id": model.row_id, "deleted": True}
 
     def record_artifact_stored(self, model_registry_id: Any, artifact: Mapping[str, Any],

@@ -138,20 +138,25 @@ class EngineInstance(Aggregate):
         if self.status is not EngineStatus.ACTIVE:
             self.status = EngineStatus.INSTALLING
 
-    def complete_install(self, event_id: str) -> None:
+    def complete_install(self, event_id: str, requested_by: dict[str, Any],
+                         task_id: str | None = None) -> None:
         self._check("complete_install")
-        self._install_completed(event_id=event_id)
+        self._install_completed(event_id=event_id, requested_by=requested_by, task_id=task_id)
 
     @event("InstallCompleted")
-    def _install_completed(self, event_id: str) -> None:
+    def _install_completed(self, event_id: str, requested_by: dict[str, Any],
+                           task_id: str | None) -> None:
         self.status = EngineStatus.INSTALLED
 
-    def fail_install(self, event_id: str, error: str) -> None:
+    def fail_install(self, event_id: str, error: str, requested_by: dict[str, Any],
+                     task_id: str | None = None) -> None:
         self._check("fail_install")
-        self._install_failed(event_id=event_id, error=error)
+        self._install_failed(event_id=event_id, error=error, requested_by=requested_by,
+                             task_id=task_id)
 
     @event("InstallFailed")
-    def _install_failed(self, event_id: str, error: str) -> None:
+    def _install_failed(self, event_id: str, error: str, requested_by: dict[str, Any],
+                        task_id: str | None) -> None:
         self.status = EngineStatus.ERROR
         self.install_error = error
 
@@ -192,25 +197,29 @@ class NameClaim(Aggregate):
         return name_claim_id(kind, name)
 
     @event("Claimed")
-    def __init__(self, kind: str, name: str, owner_row_id: int) -> None:
+    def __init__(self, kind: str, name: str, owner_row_id: int,
+                 requested_by: dict[str, Any] | None = None, task_id: str | None = None) -> None:
         self.kind = kind
         self.name = name
         self.owner_row_id: int | None = owner_row_id
 
-    def reclaim(self, owner_row_id: int) -> None:
+    def reclaim(self, owner_row_id: int, requested_by: dict[str, Any] | None = None,
+                task_id: str | None = None) -> None:
         if self.owner_row_id is not None:
             raise InvalidTransition("name", self.name, "claimed", "claim", ["release"])
-        self._reclaimed(owner_row_id=owner_row_id)
+        self._reclaimed(owner_row_id=owner_row_id, requested_by=requested_by, task_id=task_id)
 
     @event("Reclaimed")
-    def _reclaimed(self, owner_row_id: int) -> None:
+    def _reclaimed(self, owner_row_id: int, requested_by: dict[str, Any] | None,
+                   task_id: str | None) -> None:
         self.owner_row_id = owner_row_id
 
-    def release(self) -> None:
+    def release(self, requested_by: dict[str, Any] | None = None,
+                task_id: str | None = None) -> None:
         if self.owner_row_id is None:
             raise InvalidTransition("name", self.name, "free", "release", ["claim"])
-        self._released()
+        self._released(requested_by=requested_by, task_id=task_id)
 
     @event("Released")
-    def _released(self) -> None:
+    def _released(self, requested_by: dict[str, Any] | None, task_id: str | None) -> None:
         self.owner_row_id = None

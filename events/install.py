@@ -54,11 +54,12 @@ class NodeInstall(Aggregate):
 
     @event("Queued")
     def __init__(self, engine_row_id: int, node_id: str, request_event_id: str,
-                 force: bool) -> None:
+                 force: bool, requested_by: dict[str, Any], task_id: str | None) -> None:
         self.engine_row_id = engine_row_id
         self.node_id = node_id
         self.request_event_id = request_event_id
         self.force = force
+        self.task_id = task_id
         self.state = InstallState.PENDING
         self.last_error = ""
         self.engine_version = ""
@@ -79,17 +80,26 @@ class NodeInstall(Aggregate):
                 self.state.value, command, allowed,
             )
 
-    def queue(self, request_event_id: str, force: bool) -> bool:
+    @property
+    def agent(self) -> dict[str, Any]:
+        """``requested_by`` of the reports this node's agent makes."""
+        return {"user_id": None, "organization_id": None, "actor": f"node:{self.node_id}"}
+
+    def queue(self, request_event_id: str, force: bool, requested_by: dict[str, Any],
+              task_id: str | None = None) -> bool:
         """Answer a new install request; False (nothing recorded) if it is the current one."""
         if request_event_id == self.request_event_id:
             return False
-        self._requeued(request_event_id=request_event_id, force=force)
+        self._requeued(request_event_id=request_event_id, force=force,
+                       requested_by=requested_by, task_id=task_id)
         return True
 
     @event("Requeued")
-    def _requeued(self, request_event_id: str, force: bool) -> None:
+    def _requeued(self, request_event_id: str, force: bool, requested_by: dict[str, Any],
+                  task_id: str | None) -> None:
         self.request_event_id = request_event_id
         self.force = force
+        self.task_id = task_id
         self.state = InstallState.PENDING
         self.last_error = ""
         self.fraction = 0.0
@@ -97,10 +107,12 @@ class NodeInstall(Aggregate):
 
     def start(self, request_event_id: str, plan: dict[str, Any]) -> None:
         self._check("start", request_event_id)
-        self._started(request_event_id=request_event_id, plan=plan)
+        self._started(request_event_id=request_event_id, plan=plan, requested_by=self.agent,
+                      task_id=self.task_id)
 
     @event("Started")
-    def _started(self, request_event_id: str, plan: dict[str, Any]) -> None:
+    def _started(self, request_event_id: str, plan: dict[str, Any],
+                 requested_by: dict[str, Any], task_id: str | None) -> None:
         self.state = InstallState.INSTALLING
 
     def progress(self, request_event_id: str, fraction: float, message: str) -> bool:
@@ -108,32 +120,37 @@ class NodeInstall(Aggregate):
         fraction = min(1.0, max(0.0, float(fraction)))
         if fraction == self.fraction and message == self.message:
             return False
-        self._progressed(request_event_id=request_event_id, fraction=fraction, message=message)
+        self._progressed(request_event_id=request_event_id, fraction=fraction, message=message,
+                         requested_by=self.agent, task_id=self.task_id)
         return True
 
     @event("Progressed")
-    def _progressed(self, request_event_id: str, fraction: float, message: str) -> None:
+    def _progressed(self, request_event_id: str, fraction: float, message: str,
+                    requested_by: dict[str, Any], task_id: str | None) -> None:
         self.fraction = fraction
         self.message = message
 
     def succeed(self, request_event_id: str, engine_version: str, record: dict[str, Any]) -> None:
         self._check("succeed", request_event_id)
         self._succeeded(request_event_id=request_event_id, engine_version=engine_version,
-                        record=record)
+                        record=record, requested_by=self.agent, task_id=self.task_id)
 
     @event("Succeeded")
     def _succeeded(self, request_event_id: str, engine_version: str,
-                   record: dict[str, Any]) -> None:
+                   record: dict[str, Any], requested_by: dict[str, Any],
+                   task_id: str | None) -> None:
         self.state = InstallState.INSTALLED
         self.engine_version = engine_version
         self.fraction = 1.0
 
     def fail(self, request_event_id: str, error: str) -> None:
         self._check("fail", request_event_id)
-        self._failed(request_event_id=request_event_id, error=error)
+        self._failed(request_event_id=request_event_id, error=error, requested_by=self.agent,
+                     task_id=self.task_id)
 
     @event("Failed")
-    def _failed(self, request_event_id: str, error: str) -> None:
+    def _failed(self, request_event_id: str, error: str, requested_by: dict[str, Any],
+                task_id: str | None) -> None:
         self.state = InstallState.ERROR
         self.last_error = error
 

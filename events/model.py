@@ -21,7 +21,7 @@ from typing import Any
 
 from eventsourcing.domain import Aggregate, event
 
-from events.common import DomainError, InvalidTransition, model_id, runtime_id
+from events.common import SYSTEM_ACTOR, DomainError, InvalidTransition, model_id, runtime_id
 
 UNLOAD_REASONS = ("user", "idle", "stop_engine", "deactivated", "node_lost", "crashed")
 
@@ -138,19 +138,20 @@ class ModelRuntime(Aggregate):
                     app_name: str) -> None:
         self._check("loaded")
         self._loaded(pid=pid, model_path=model_path, memory_bytes=memory_bytes, url=url,
-                     app_name=app_name)
+                     app_name=app_name, requested_by=SYSTEM_ACTOR, task_id=None)
 
     @event("Loaded")
     def _loaded(self, pid: int, model_path: str, memory_bytes: int, url: str,
-                app_name: str) -> None:
+                app_name: str, requested_by: dict[str, Any], task_id: str | None) -> None:
         self.state = RuntimeState.LOADED
 
     def fail_load(self, error: str) -> None:
         self._check("fail_load")
-        self._load_failed(error=error)
+        self._load_failed(error=error, requested_by=SYSTEM_ACTOR, task_id=None)
 
     @event("LoadFailed")
-    def _load_failed(self, error: str) -> None:
+    def _load_failed(self, error: str, requested_by: dict[str, Any],
+                     task_id: str | None) -> None:
         self.state = RuntimeState.FAILED
 
     def unload(self, reason: str, requested_by: dict[str, Any], task_id: str | None = None) -> None:

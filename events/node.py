@@ -20,7 +20,8 @@ class Node(Aggregate):
         return node_id_of(node_id)
 
     @event("Joined")
-    def __init__(self, node_id: str, facts: dict[str, Any]) -> None:
+    def __init__(self, node_id: str, facts: dict[str, Any], requested_by: dict[str, Any],
+                 task_id: str | None = None) -> None:
         self.node_id = node_id
         self.facts = facts
         self.alive = True
@@ -30,20 +31,26 @@ class Node(Aggregate):
             raise InvalidTransition("node", self.node_id, "lost", "update_facts", ["rejoin"])
         if facts == self.facts:
             return False
-        self._facts_updated(facts=facts)
+        self._facts_updated(facts=facts, requested_by=self.agent, task_id=None)
         return True
 
     @event("FactsUpdated")
-    def _facts_updated(self, facts: dict[str, Any]) -> None:
+    def _facts_updated(self, facts: dict[str, Any], requested_by: dict[str, Any],
+                       task_id: str | None) -> None:
         self.facts = facts
 
-    def mark_lost(self, reason: str) -> None:
+    @property
+    def agent(self) -> dict[str, Any]:
+        """``requested_by`` of what this node's agent reports."""
+        return {"user_id": None, "organization_id": None, "actor": f"node:{self.node_id}"}
+
+    def mark_lost(self, reason: str, requested_by: dict[str, Any]) -> None:
         if not self.alive:
             raise InvalidTransition("node", self.node_id, "lost", "mark_lost", ["rejoin"])
-        self._lost(reason=reason)
+        self._lost(reason=reason, requested_by=requested_by, task_id=None)
 
     @event("Lost")
-    def _lost(self, reason: str) -> None:
+    def _lost(self, reason: str, requested_by: dict[str, Any], task_id: str | None) -> None:
         self.alive = False
 
     def rejoin(self, facts: dict[str, Any]) -> None:
@@ -51,9 +58,10 @@ class Node(Aggregate):
             raise InvalidTransition(
                 "node", self.node_id, "alive", "rejoin", ["mark_lost", "update_facts"]
             )
-        self._rejoined(facts=facts)
+        self._rejoined(facts=facts, requested_by=self.agent, task_id=None)
 
     @event("Rejoined")
-    def _rejoined(self, facts: dict[str, Any]) -> None:
+    def _rejoined(self, facts: dict[str, Any], requested_by: dict[str, Any],
+                  task_id: str | None) -> None:
         self.facts = facts
         self.alive = True

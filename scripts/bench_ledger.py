@@ -30,6 +30,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from actors.control_plane import ControlPlane
+from events.common import SYSTEM_ACTOR
 from events.install import NodeInstall
 from events.settings import Settings
 from projections import tables as t
@@ -91,7 +92,8 @@ def bench_rebuild(plane: ControlPlane, events: int) -> dict[str, float]:
     made = 0
     while made < missing:
         install = NodeInstall(engine_row_id=10_000 + made, node_id="bench",
-                              request_event_id=str(uuid.uuid4()), force=False)
+                              request_event_id=str(uuid.uuid4()), force=False,
+                              requested_by=SYSTEM_ACTOR, task_id=None)
         install.start(install.request_event_id, {})
         for step in range(per_install - 2):
             install.progress(install.request_event_id, step / per_install, "")

@@ -188,3 +188,24 @@ async def test_begin_install_refuses_bad_force(sdk: SDK) -> None:
     row = await sdk.models.engine_registry.create(provider="vllm", name="gpu")
     with pytest.raises(BadInput, match="force must be true or false"):
         await sdk.engines.begin_install(row["id"], force="yes")  # type: ignore[arg-type]
+
+
+async def test_every_event_says_who_asked_and_node_reports_carry_the_task(sdk: SDK) -> None:
+    await sdk.nodes.joined("node-a", {})
+    row = await sdk.models.engine_registry.create(provider="llamacpp", name="cpu",
+                                                  requested_by=WHO)
+    event_id = (await sdk.engines.begin_install(row["id"], requested_by=WHO,
+                                                task_id="task-7"))["event"]["event_id"]
+    await sdk.nodes.install_started(row["id"], "node-a", event_id)
+    await sdk.nodes.install_succeeded(row["id"], "node-a", event_id, "v")
+    await sdk.nodes.joined("node-late", {})
+    events = await sdk.audit.events(limit=100_000)
+    assert all(e["requested_by"] for e in events), [e["event_name"] for e in events
+                                                    if not e["requested_by"]]
+    assert all(e["timestamp"] for e in events)
+    reports = [e for e in events if e["event_name"].startswith("node.install.")]
+    assert {e["task_id"] for e in reports} == {"task-7"}
+    started = next(e for e in reports if e["event_name"] == "node.install.started")
+    assert started["requested_by"]["actor"] == "node:node-a"
+    late = next(e for e in reports if e["node_id"] == "node-late")
+    assert late["requested_by"] == {**WHO, "actor": "user"}

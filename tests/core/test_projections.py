@@ -214,7 +214,8 @@ async def test_audit_filters(sdk: SDK) -> None:
                                                     "engine.install.requested"]
     assert by_engine[1]["task_id"] == "t-b"
     by_user = await sdk.audit.events(user_id=1)
-    assert [e["engine_registry_id"] for e in by_user] == [a["id"]]
+    assert [(e["event_name"], e["engine_registry_id"]) for e in by_user] == [
+        ("engine.registered", a["id"]), ("name.claimed", None)]
     first = by_engine[0]["timestamp"]
     assert all(e["timestamp"] >= first for e in await sdk.audit.events(since=first))
     assert await sdk.audit.events(until="2000-01-01T00:00:00+00:00") == []

@@ -43,8 +43,9 @@ def test_invalid_transition_names_state_and_allowed_commands() -> None:
 
 
 def test_install_report_for_old_request_is_stale() -> None:
-    install = NodeInstall(engine_row_id=1, node_id="a", request_event_id="r1", force=False)
-    install.queue("r2", force=False)
+    install = NodeInstall(engine_row_id=1, node_id="a", request_event_id="r1", force=False,
+                          requested_by=WHO, task_id=None)
+    install.queue("r2", force=False, requested_by=WHO)
     with pytest.raises(StaleInstallReport, match="current request is r2"):
         install.start("r1", {})
 
@@ -54,8 +55,8 @@ def _engine_commands(engine: EngineInstance, rng: random.Random) -> Callable[[],
         lambda: engine.update_config(rng.choice([{}, {"ctx_size": 512}]), WHO),
         lambda: engine.rename(rng.choice(["e", "f"]), WHO),
         lambda: engine.request_install(f"r{rng.randint(0, 2)}", False, 1, "v", "n", WHO, None),
-        lambda: engine.complete_install(engine.last_install_event_id or ""),
-        lambda: engine.fail_install(engine.last_install_event_id or "", "boom"),
+        lambda: engine.complete_install(engine.last_install_event_id or "", WHO),
+        lambda: engine.fail_install(engine.last_install_event_id or "", "boom", WHO),
         lambda: engine.activate(WHO),
         lambda: engine.deactivate(WHO),
         lambda: engine.remove(WHO) if rng.random() < 0.05 else None,
@@ -66,7 +67,7 @@ def _engine_commands(engine: EngineInstance, rng: random.Random) -> Callable[[],
 def _install_commands(install: NodeInstall, rng: random.Random) -> Callable[[], Any]:
     request = install.request_event_id
     options: list[Callable[[], Any]] = [
-        lambda: install.queue(rng.choice([request, "r-new"]), False),
+        lambda: install.queue(rng.choice([request, "r-new"]), False, WHO),
         lambda: install.start(request, {}),
         lambda: install.progress(request, rng.choice([0.0, 0.5, 1.0]), rng.choice(["", "x"])),
         lambda: install.succeed(request, "v", {}),
@@ -78,7 +79,7 @@ def _install_commands(install: NodeInstall, rng: random.Random) -> Callable[[], 
 def _node_commands(node: Node, rng: random.Random) -> Callable[[], Any]:
     options: list[Callable[[], Any]] = [
         lambda: node.update_facts(rng.choice([{}, {"cpu_count": 2}])),
-        lambda: node.mark_lost("gone"),
+        lambda: node.mark_lost("gone", WHO),
         lambda: node.rejoin(rng.choice([{}, {"cpu_count": 2}])),
     ]
     return rng.choice(options)
@@ -99,9 +100,10 @@ def test_no_command_emits_a_no_op_event(seed: int) -> None:
     rng = random.Random(seed)
     aggregates: list[tuple[Any, Callable[[Any, random.Random], Callable[[], Any]]]] = [
         (_engine(), _engine_commands),
-        (NodeInstall(engine_row_id=1, node_id="a", request_event_id="r0", force=False),
+        (NodeInstall(engine_row_id=1, node_id="a", request_event_id="r0", force=False,
+                     requested_by=WHO, task_id=None),
          _install_commands),
-        (Node(node_id="a", facts={}), _node_commands),
+        (Node(node_id="a", facts={}, requested_by=WHO), _node_commands),
         (ModelRuntime(engine_row_id=1, model_row_id=1, node_id="a", requested_by=WHO,
                       task_id=None), _runtime_commands),
     ]
@@ -126,7 +128,7 @@ def test_engine_status_walk() -> None:
     engine = _engine()
     engine.request_install("r1", False, 1, "v", "n", WHO, None)
     assert engine.status is EngineStatus.INSTALLING
-    engine.complete_install("r1")
+    engine.complete_install("r1", WHO)
     engine.activate(WHO)
     engine.request_install("r2", True, 1, "v", "n", WHO, None)
     assert engine.status is EngineStatus.ACTIVE  # a reinstall does not take it offline
