@@ -81,7 +81,11 @@ def _print_json(value: Any) -> None:
 @app.command()
 def up(address: str | None = AddressOption,
        num_cpus: int | None = typer.Option(None, help="CPUs of the head started here."),
-       num_gpus: int | None = typer.Option(None, help="GPUs of the head started here.")) -> None:
+       num_gpus: int | None = typer.Option(None, help="GPUs of the head started here."),
+       port: int | None = typer.Option(None, help="GCS port of the head (default: a free one)."),
+       dashboard_port: int | None = typer.Option(
+           None, help="Dashboard/job-submission port of the head (default: a free one)."),
+       ) -> None:
     """Start a Ray head on this machine (or attach to ADDRESS) and the control plane."""
     from cluster.bootstrap import start
     from cluster.head import Head, start_head, stop_head
@@ -94,7 +98,8 @@ def up(address: str | None = AddressOption,
             address = existing.address
         else:
             try:
-                head = start_head(num_cpus=num_cpus, num_gpus=num_gpus)
+                head = start_head(num_cpus=num_cpus, num_gpus=num_gpus, port=port,
+                                  dashboard_port=dashboard_port)
             except (RuntimeError, FileNotFoundError) as exc:
                 _fail(str(exc), 1)
             assert head is not None
