@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +33,7 @@ from actors.runtime_types import (
     RuntimeDead,
     Target,
 )
+from engines.artifacts import ArtifactError, DirectoryArtifactStore, materialize
 from engines.launch import ModelRef, PreparedEngine, free_port
 from engines.node import Node
 from engines.plan import InstallRecord
@@ -53,14 +55,16 @@ def app_name(engine_registry_id: int, model_registry_id: int) -> str:
     return f"runtime-{engine_registry_id}-{model_registry_id}"
 
 
-def model_file(model: Mapping[str, Any]) -> Path:
-    """The file a registered model loads from: a materialized artifact path when the row has
-    one, else a ``local`` source's path. Raises LoadFailed saying what to do otherwise."""
+def artifact_ref(model: Mapping[str, Any]) -> str | None:
+    """The stored artifact a registered model loads from, if it has one."""
     artifact = model.get("artifact") or {}
-    if isinstance(artifact, Mapping):
-        for key in ("path", "local_path", "materialized_path"):
-            if artifact.get(key):
-                return Path(str(artifact[key]))
+    ref = artifact.get("ref") if isinstance(artifact, Mapping) else None
+    return str(ref) if ref else None
+
+
+def model_file(model: Mapping[str, Any]) -> Path:
+    """The file a registered model without a stored artifact loads from: its ``local``
+    source's path. Raises LoadFailed saying what to do otherwise."""
     source = model.get("source") or {}
     if isinstance(source, Mapping) and source.get("type") == "local" and source.get("path"):
         return Path(str(source["path"]))
@@ -96,6 +100,9 @@ class RuntimeSpec:
     node_id: str = ""
     gpu_indices: tuple[int, ...] = ()
     ready_timeout_s: float = 300.0
+    #: A stored artifact to materialize in the node's model cache before starting
+    #: (``model_path`` is then filled in on the node).
+    artifact_ref: str | None = None
 
     @property
     def app_name(self) -> str:
@@ -110,8 +117,28 @@ def prepare_with_provider(spec: RuntimeSpec, node: Node, port: int) -> PreparedE
     registered name, so clients' ``model`` fields need no rewriting)."""
     provider = get_provider(spec.provider)
     record = InstallRecord.model_validate(spec.record) if spec.record else None
-    ref = ModelRef(id=spec.model_name, path=Path(spec.model_path))
+    path = Path(spec.model_path) if spec.model_path else node_model_path(spec, node)
+    ref = ModelRef(id=spec.model_name, path=path)
     return provider.prepare(ref, spec.engine_config or None, node, port=port, record=record)
+
+
+def node_model_path(spec: RuntimeSpec, node: Node) -> Path:
+    """Make ``spec``'s artifact present in this node's model cache (sha256-verified copy or
+    link from the shared store, reused when already there) and return the local path."""
+    if not spec.artifact_ref:
+        raise LoadFailed(f"runtime {spec.app_name} names neither a model path nor an artifact")
+    settings = node.settings
+    store = DirectoryArtifactStore.from_settings(settings)
+    mode = settings.materialize_mode
+    if mode not in ("copy", "hardlink", "symlink"):
+        raise LoadFailed(f"ROUNDHOUSE_MATERIALIZE_MODE must be copy, hardlink or symlink, "
+                         f"got {mode!r}")
+    try:
+        return materialize(store, spec.artifact_ref, settings.models_path,
+                           mode=mode)  # type: ignore[arg-type]
+    except ArtifactError as exc:
+        raise LoadFailed(f"could not make {spec.artifact_ref} present on node "
+                         f"{node.facts.node_id}: {exc}") from None
 
 
 class EngineRuntime:
@@ -139,6 +166,9 @@ class EngineRuntime:
             log.warning("runtime %s: %s (%s)", self.spec.app_name, event.state, event.message)
 
     async def start(self) -> dict[str, Any]:
+        if not self.spec.model_path:
+            path = await asyncio.to_thread(node_model_path, self.spec, self.node)
+            self.spec = dataclasses.replace(self.spec, model_path=str(path))
         port = free_port()
         try:
             prepared = self._prepare(self.spec, self.node, port)
@@ -254,7 +284,8 @@ class RuntimeManagerBase:
     async def load(self, target: Target, requested_by: Mapping[str, Any] | None,
                    job_id: str) -> LoadedRuntime:
         model, engine = await self._context(target)
-        path = model_file(model)
+        ref = artifact_ref(model)
+        path = "" if ref else str(model_file(model))
         placement = await self.place(target, engine)
         node_id = placement.node_id
         eid, mid = target.key
@@ -262,7 +293,8 @@ class RuntimeManagerBase:
                                 requested_by=dict(requested_by or {}) or None, task_id=job_id)
         spec = RuntimeSpec(engine_registry_id=eid, model_registry_id=mid,
                            provider=target.provider, model_name=target.model,
-                           model_path=str(path), engine_config=dict(engine.get("config") or {}),
+                           model_path=path, artifact_ref=ref,
+                           engine_config=dict(engine.get("config") or {}),
                            record=placement.record or None, node_id=node_id,
                            gpu_indices=placement.gpu_indices,
                            ready_timeout_s=self.ready_timeout_s)
@@ -276,7 +308,8 @@ class RuntimeManagerBase:
                 raise
             raise LoadFailed(f"loading {target.model} on {node_id} failed: {error}") from exc
         await self.backend.call("record_loaded", eid, mid, node_id, int(info["pid"] or 0),
-                                str(path), int(info.get("memory_bytes") or 0), str(info["url"]),
+                                str(info.get("model_path") or path),
+                                int(info.get("memory_bytes") or 0), str(info["url"]),
                                 spec.app_name)
         return loaded_from_info(info)
 

@@ -96,6 +96,10 @@ class Settings(BaseModel):
     # --- artifacts -------------------------------------------------------------
     # Shared artifact store directory; empty = `home`/artifacts.
     artifact_store: str = ""
+    # This node's model cache, where artifacts are materialized before loads; empty = home/models.
+    models_dir: str = ""
+    # How a node materializes an artifact: copy, hardlink (copy across volumes) or symlink.
+    materialize_mode: str = "hardlink"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -126,6 +130,10 @@ class Settings(BaseModel):
     @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else self.home / "cache"
+
+    @property
+    def models_path(self) -> Path:
+        return Path(self.models_dir) if self.models_dir else self.home / "models"
 
     @property
     def artifact_store_path(self) -> Path:
