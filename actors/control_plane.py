@@ -108,6 +108,15 @@ def _check_json_object(value: Any, what: str) -> dict[str, Any]:
     return result
 
 
+def _check_keep_alive(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+        raise BadInput(f"keep_alive_s must be seconds (>= 0), 0 to unload after each request, "
+                       f"-1 to never unload, or null for the default; got {value!r}")
+    return value
+
+
 def _iso(value: str | datetime | None) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -825,7 +834,7 @@ class ControlPlane:
     def create_model(self, name: Any, display_name: Any = None, source: Any = None,
                      format: Any = "gguf", engine_kinds: Any = None,
                      requested_by: Mapping[str, Any] | None = None,
-                     task_id: str | None = None) -> dict[str, Any]:
+                     task_id: str | None = None, keep_alive_s: Any = None) -> dict[str, Any]:
         """Register a model (records events; downloads nothing); return the row with its id."""
         with self._command():
             name = _check_name(name, "name")
@@ -841,6 +850,7 @@ class ControlPlane:
             for kind in kinds:
                 self._provider(kind)
             who = self._who(requested_by)
+            keep = _check_keep_alive(keep_alive_s)
 
             def next_id() -> int:
                 with self.views.connect() as conn:
@@ -851,7 +861,7 @@ class ControlPlane:
                 lambda rid: ModelRegistration(row_id=rid, name=name, display_name=display,
                                               source=src, format=format,
                                               engine_kinds=list(kinds), requested_by=who,
-                                              task_id=task_id),
+                                              task_id=task_id, keep_alive_s=keep),
                 who,
             )
             self._notify("model.registered", {"model_registry_id": row_id})
@@ -882,7 +892,8 @@ class ControlPlane:
                      requested_by: Mapping[str, Any] | None = None,
                      task_id: str | None = None) -> dict[str, Any]:
         with self._command():
-            allowed = {"name", "display_name", "source", "format", "engine_kinds"}
+            allowed = {"name", "display_name", "source", "format", "engine_kinds",
+                       "keep_alive_s"}
             unknown = sorted(set(fields) - allowed)
             if unknown:
                 raise BadInput(f"unknown model fields {unknown}; updatable fields are "
@@ -893,6 +904,8 @@ class ControlPlane:
             changed: list[Aggregate] = [model]
             if "display_name" in fields:
                 clean["display_name"] = _check_name(fields["display_name"], "display_name")
+            if "keep_alive_s" in fields:
+                clean["keep_alive_s"] = _check_keep_alive(fields["keep_alive_s"])
             if "source" in fields:
                 clean["source"] = self._check_source(fields["source"])
             if "format" in fields:
@@ -1100,6 +1113,16 @@ class ControlPlane:
             runtime = self._existing_runtime(engine_registry_id, model_registry_id, node_id)
             runtime.fail_load(error)
             self._save(runtime)
+
+    def record_runtime_restarted(self, engine_registry_id: int, model_registry_id: int,
+                                 node_id: str, pid: int, reason: str = "crashed") -> bool:
+        """The supervisor restarted a loaded runtime's engine process under a new pid."""
+        with self._command():
+            runtime = self._existing_runtime(engine_registry_id, model_registry_id, node_id)
+            if runtime.state is not RuntimeState.LOADED or not runtime.restarted(pid, reason):
+                return False
+            self._save(runtime)
+            return True
 
     def record_unloaded(self, engine_registry_id: int, model_registry_id: int, node_id: str,
                         reason: str, requested_by: Mapping[str, Any] | None = None) -> bool:

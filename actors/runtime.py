@@ -256,7 +256,9 @@ class RuntimeManagerBase:
                            f"{', '.join(kinds)}); activate one with "
                            "sdk.engines.activate_instance")
         engine = min(engines, key=lambda e: int(e["id"]))
-        ka = row.get("keep_alive_s", self.default_keep_alive_s)
+        ka = row.get("keep_alive_s")
+        if ka is None:
+            ka = self.default_keep_alive_s
         target = Target(model=model, engine_registry_id=int(engine["id"]),
                         model_registry_id=int(row["id"]), provider=str(engine["provider"]),
                         keep_alive_s=None if ka is None else float(ka))

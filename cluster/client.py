@@ -113,9 +113,13 @@ class ModelRegistry:
 
     async def create(self, name: str, source: dict[str, Any], display_name: str | None = None,
                      format: str = "gguf", engine_kinds: list[str] | None = None,
-                     requested_by: dict[str, Any] | None = None) -> dict[str, Any]:
+                     requested_by: dict[str, Any] | None = None,
+                     keep_alive_s: int | None = None) -> dict[str, Any]:
+        """Register a model; ``keep_alive_s`` is how long a loaded runtime may idle (None =
+        the default, 0 = unload after each request, -1 = never)."""
         return await self._b.call("create_model", name, display_name, source, format,
-                                  engine_kinds, requested_by=requested_by)
+                                  engine_kinds, requested_by=requested_by,
+                                  keep_alive_s=keep_alive_s)
 
     async def get(self, id: int) -> dict[str, Any]:
         return await self._b.call("get_model", id)

@@ -7,6 +7,7 @@ ModelRuntime, one per (engine row, model row, node)::
 
     (new) | unloaded | failed --request_load--> loading
     loading --loaded--> loaded
+    loaded --restarted(new pid)--> loaded
     loading --fail_load--> failed
     loading | loaded --unload(reason)--> unloaded
 
@@ -34,13 +35,16 @@ class ModelRegistration(Aggregate):
     @event("Registered")
     def __init__(self, row_id: int, name: str, display_name: str, source: dict[str, Any],
                  format: str, engine_kinds: list[str], requested_by: dict[str, Any],
-                 task_id: str | None) -> None:
+                 task_id: str | None, keep_alive_s: int | None = None) -> None:
         self.row_id = row_id
         self.name = name
         self.display_name = display_name
         self.source = source
         self.format = format
         self.engine_kinds = engine_kinds
+        #: Seconds a loaded runtime may idle before it is unloaded (None = the default;
+        #: 0 = after each request; -1 = never).
+        self.keep_alive_s = keep_alive_s
         self.removed = False
         self.artifact: dict[str, Any] | None = None
 
@@ -96,6 +100,7 @@ class RuntimeState(StrEnum):
 RUNTIME_COMMANDS: dict[str, set[RuntimeState]] = {
     "request_load": {RuntimeState.FAILED, RuntimeState.UNLOADED},
     "loaded": {RuntimeState.LOADING},
+    "restarted": {RuntimeState.LOADED},
     "fail_load": {RuntimeState.LOADING},
     "unload": {RuntimeState.LOADING, RuntimeState.LOADED},
 }
@@ -117,6 +122,7 @@ class ModelRuntime(Aggregate):
         self.model_row_id = model_row_id
         self.node_id = node_id
         self.state = RuntimeState.LOADING
+        self.pid: int | None = None
 
     def _check(self, command: str) -> None:
         if self.state not in RUNTIME_COMMANDS[command]:
@@ -133,6 +139,7 @@ class ModelRuntime(Aggregate):
     @event("ReloadRequested")
     def _reload_requested(self, requested_by: dict[str, Any], task_id: str | None) -> None:
         self.state = RuntimeState.LOADING
+        self.pid = None
 
     def mark_loaded(self, pid: int, model_path: str, memory_bytes: int, url: str,
                     app_name: str) -> None:
@@ -144,6 +151,20 @@ class ModelRuntime(Aggregate):
     def _loaded(self, pid: int, model_path: str, memory_bytes: int, url: str,
                 app_name: str, requested_by: dict[str, Any], task_id: str | None) -> None:
         self.state = RuntimeState.LOADED
+        self.pid = pid
+
+    def restarted(self, pid: int, reason: str) -> bool:
+        """The supervisor restarted the engine process; False if ``pid`` is not new."""
+        self._check("restarted")
+        if pid == self.pid:
+            return False
+        self._restarted(pid=pid, reason=reason, requested_by=SYSTEM_ACTOR, task_id=None)
+        return True
+
+    @event("Restarted")
+    def _restarted(self, pid: int, reason: str, requested_by: dict[str, Any],
+                   task_id: str | None) -> None:
+        self.pid = pid
 
     def fail_load(self, error: str) -> None:
         self._check("fail_load")
@@ -165,3 +186,4 @@ class ModelRuntime(Aggregate):
     @event("Unloaded")
     def _unloaded(self, reason: str, requested_by: dict[str, Any], task_id: str | None) -> None:
         self.state = RuntimeState.UNLOADED
+        self.pid = None

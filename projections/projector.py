@@ -56,6 +56,7 @@ EVENT_NAMES: dict[str, str] = {
     "ModelRuntime.LoadRequested": "model.load.requested",
     "ModelRuntime.ReloadRequested": "model.load.requested",
     "ModelRuntime.Loaded": "model.loaded",
+    "ModelRuntime.Restarted": "model.restarted",
     "ModelRuntime.LoadFailed": "model.load.failed",
     "ModelRuntime.Unloaded": "model.unloaded",
 }
@@ -123,6 +124,7 @@ class Projector:
             "ModelRuntime.LoadRequested": self._runtime_requested,
             "ModelRuntime.ReloadRequested": self._runtime_rerequested,
             "ModelRuntime.Loaded": self._runtime_loaded,
+            "ModelRuntime.Restarted": self._runtime_restarted,
             "ModelRuntime.LoadFailed": self._runtime_failed,
             "ModelRuntime.Unloaded": self._runtime_unloaded,
         }
@@ -434,6 +436,7 @@ class Projector:
         self._insert(conn, t.models, dict(
                 row_id=e.row_id, aggregate_id=agg, name=e.name, display_name=e.display_name,
                 source=e.source, format=e.format, engine_kinds=e.engine_kinds, artifact=None,
+                keep_alive_s=getattr(e, "keep_alive_s", None),
                 removed=False, created_at=when, updated_at=when,
             )
         )
@@ -458,7 +461,8 @@ class Projector:
         self._insert(conn, t.runtimes, dict(
                 aggregate_id=agg, engine_row_id=e.engine_row_id, model_row_id=e.model_row_id,
                 node_id=e.node_id, status="loading", pid=None, model_path=None,
-                memory_bytes=None, url=None, app_name=None, error="", unload_reason=None,
+                memory_bytes=None, url=None, app_name=None, restarts=0, error="",
+                unload_reason=None,
                 requested_at=when, loaded_at=None, updated_at=when,
             )
         )
@@ -469,13 +473,20 @@ class Projector:
                            {"updated_at": when, **values})
 
     def _runtime_rerequested(self, conn: Connection, e: Any, when: str) -> None:
-        self._update_runtime(conn, e, when, status="loading", pid=None, error="",
+        self._update_runtime(conn, e, when, status="loading", pid=None, error="", restarts=0,
                              unload_reason=None, requested_at=when, loaded_at=None)
 
     def _runtime_loaded(self, conn: Connection, e: Any, when: str) -> None:
         self._update_runtime(conn, e, when, status="loaded", pid=e.pid, model_path=e.model_path,
                              memory_bytes=e.memory_bytes, url=e.url, app_name=e.app_name,
                              loaded_at=when)
+
+    def _runtime_restarted(self, conn: Connection, e: Any, when: str) -> None:
+        self._drain(conn)
+        restarts = conn.execute(
+            select(t.runtimes.c.restarts).where(t.runtimes.c.aggregate_id == str(e.originator_id))
+        ).scalar() or 0
+        self._update_runtime(conn, e, when, pid=e.pid, restarts=restarts + 1)
 
     def _runtime_failed(self, conn: Connection, e: Any, when: str) -> None:
         self._update_runtime(conn, e, when, status="failed", error=e.error)

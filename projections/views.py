@@ -112,6 +112,7 @@ def model_payload(row: Any) -> dict[str, Any]:
         "format": row.format,
         "engine_kinds": row.engine_kinds,
         "artifact": row.artifact,
+        "keep_alive_s": row.keep_alive_s,
         "created_at": row.created_at,
         "updated_at": row.updated_at,
     }

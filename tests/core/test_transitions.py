@@ -90,6 +90,7 @@ def _runtime_commands(runtime: ModelRuntime, rng: random.Random) -> Callable[[],
         lambda: runtime.request_load(WHO),
         lambda: runtime.mark_loaded(1, "/m", 1, "http://x", "app"),
         lambda: runtime.fail_load("oom"),
+        lambda: runtime.restarted(rng.choice([1, 2]), "crashed"),
         lambda: runtime.unload(rng.choice(["user", "idle", "crashed"]), WHO),
     ]
     return rng.choice(options)
