@@ -14,16 +14,17 @@ manager that resolves, places, loads and unloads them while recording ``ModelRun
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from actors.errors import NotFound
+from actors.errors import NotFound, RoundhouseError
 from actors.placement import NoPlacement, Placement, choose_node
 from actors.runtime_types import (
     LoadedRuntime,
@@ -38,11 +39,17 @@ from engines.launch import ModelRef, PreparedEngine, free_port
 from engines.node import Node
 from engines.plan import InstallRecord
 from engines.registry import get_provider
+from engines.resources import ResourceEstimate
 from engines.supervisor import EngineState, RestartPolicy, Supervisor, SupervisorEvent
 
 log = logging.getLogger("roundhouse.runtime")
 
 #: Reasons an unload is recorded with.
+#: Providers whose runtimes have a memory estimate (remote endpoints use no local memory).
+ESTIMATED_PROVIDERS = ("llamacpp", "vllm")
+#: Context length estimated when the engine config names none.
+DEFAULT_CONTEXT = 2048
+
 UNLOAD_REASONS = ("user", "idle", "stop_engine", "deactivated", "node_lost", "crashed")
 
 
@@ -110,6 +117,9 @@ class RuntimeSpec:
 
 
 Preparer = Callable[[RuntimeSpec, Node, int], PreparedEngine]
+#: ``reporter(kind, spec, pid)`` hears what the supervisor did after the load: ``restarted``
+#: (a crashed process came back under ``pid``) or ``gave_up`` (it stays down).
+Reporter = Callable[[str, "RuntimeSpec", int | None], Awaitable[None]]
 
 
 def prepare_with_provider(spec: RuntimeSpec, node: Node, port: int) -> PreparedEngine:
@@ -141,29 +151,67 @@ def node_model_path(spec: RuntimeSpec, node: Node) -> Path:
                          f"{node.facts.node_id}: {exc}") from None
 
 
+async def record_supervisor_report(backend: Backend, kind: str, spec: RuntimeSpec,
+                                   pid: int | None) -> None:
+    """``restarted`` → ``record_runtime_restarted`` (the view shows the new pid);
+    ``gave_up`` → ``record_unloaded(..., "crashed")``. A runtime the view no longer
+    lists as loaded is left alone."""
+    eid, mid = spec.engine_registry_id, spec.model_registry_id
+    with contextlib.suppress(NotFound):
+        if kind == "restarted" and pid:
+            await backend.call("record_runtime_restarted", eid, mid, spec.node_id, int(pid))
+        elif kind == "gave_up":
+            await backend.call("record_unloaded", eid, mid, spec.node_id, "crashed")
+
+
 class EngineRuntime:
     """One supervised engine process serving one model on this node.
 
     ``start()`` returns ``info()`` once the engine answers its readiness check;
     the supervisor restarts a crashed process with back-off on the same port;
     ``wait_ready()`` waits for that and raises RuntimeDead when it gave up;
-    ``stop()`` stops the process group (SIGTERM, then SIGKILL).
+    ``stop()`` stops the process group (SIGTERM, then SIGKILL). After a successful
+    start, ``reporter`` (when given) hears each restart (new pid) and the supervisor
+    giving up, on the event loop that ran ``start``; a stop asked for is not reported.
     """
 
     def __init__(self, spec: RuntimeSpec, node: Node | None = None,
                  prepare: Preparer | None = None,
-                 restart: RestartPolicy | None = None) -> None:
+                 restart: RestartPolicy | None = None,
+                 reporter: Reporter | None = None) -> None:
         self.spec = spec
         self.node = node or Node.local(node_id=spec.node_id or None)
         self._prepare = prepare or prepare_with_provider
         self.restart = restart
+        self.reporter = reporter
         self.supervisor: Supervisor | None = None
         self.events: list[SupervisorEvent] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = False
+        self._reports: list[concurrent.futures.Future[None]] = []
 
     def _on_event(self, event: SupervisorEvent) -> None:
+        """Runs on the supervisor's thread: log, and hand restarts/give-ups to the reporter."""
         self.events.append(event)
         if event.state in (EngineState.RESTARTING, EngineState.FAILED):
             log.warning("runtime %s: %s (%s)", self.spec.app_name, event.state, event.message)
+        kind = None
+        if event.state is EngineState.READY and event.restarts > 0:
+            kind = "restarted"
+        elif event.state is EngineState.FAILED:
+            kind = "gave_up"
+        if kind is None or not self._started or self.reporter is None or self._loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
+            self._reports.append(asyncio.run_coroutine_threadsafe(
+                self._report(kind, event.pid), self._loop))
+
+    async def _report(self, kind: str, pid: int | None) -> None:
+        assert self.reporter is not None
+        try:
+            await self.reporter(kind, self.spec, pid)
+        except Exception:
+            log.exception("runtime %s: reporting %s failed", self.spec.app_name, kind)
 
     async def start(self) -> dict[str, Any]:
         if not self.spec.model_path:
@@ -180,11 +228,13 @@ class EngineRuntime:
         self.supervisor = Supervisor(prepared, runtime_dir, name=self.spec.app_name,
                                      ready_timeout_s=self.spec.ready_timeout_s,
                                      restart=self.restart, on_event=self._on_event)
+        self._loop = asyncio.get_running_loop()
         try:
             await self.supervisor.astart()
         except Exception as exc:
             raise LoadFailed(f"{self.spec.provider} did not start {self.spec.model_name}: "
                              f"{exc}") from exc
+        self._started = True
         return self.info()
 
     def info(self) -> dict[str, Any]:
@@ -211,6 +261,7 @@ class EngineRuntime:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
+        self._started = False  # an asked-for stop is not a crash
         if self.supervisor is not None:
             await self.supervisor.astop()
 
@@ -274,14 +325,37 @@ class RuntimeManagerBase:
         engine = await self.backend.call("get_engine", target.engine_registry_id)
         return model, engine
 
-    async def place(self, target: Target, engine: Mapping[str, Any]) -> Placement:
-        """The node for ``target`` among those with the engine installed."""
-        rows = await self.backend.call("installed_nodes", target.engine_registry_id)
+    async def estimate(self, target: Target, engine: Mapping[str, Any]
+                       ) -> ResourceEstimate | None:
+        """The model's memory estimate on this engine at the engine's context size (its
+        config doubles as the estimate's overrides: ``n_gpu_layers``, ``max_model_len``…);
+        None where no estimate can be made (a remote engine, a file that is not GGUF)."""
+        if target.provider not in ESTIMATED_PROVIDERS:
+            return None
+        config = dict(engine.get("config") or {})
+        context = config.get("ctx_size") or config.get("max_model_len") or DEFAULT_CONTEXT
         try:
-            return choose_node(rows, None, self.placement_strategy,
+            payload = await self.backend.call("evaluate_model_resources",
+                                              target.model_registry_id, int(context), config,
+                                              provider=target.provider)
+        except RoundhouseError as exc:
+            log.warning("no memory estimate for %s on %s: %s", target.model, target.provider,
+                        exc)
+            return None
+        known = {f.name for f in dataclasses.fields(ResourceEstimate)}
+        return ResourceEstimate(**{k: v for k, v in payload.items() if k in known})
+
+    async def place(self, target: Target, engine: Mapping[str, Any]) -> Placement:
+        """The node for ``target`` among those with the engine installed that fit the model's
+        memory estimate (``actors.placement.choose_node``); LoadFailed saying why when none
+        does."""
+        rows = await self.backend.call("installed_nodes", target.engine_registry_id)
+        estimate = await self.estimate(target, engine) if rows else None
+        try:
+            return choose_node(rows, estimate, self.placement_strategy,
                                engine_label=f"engine instance {engine.get('name')!r}")
         except NoPlacement as exc:
-            raise LoadFailed(str(exc)) from None
+            raise LoadFailed(f"cannot place {target.model}: {exc}") from None
 
     async def load(self, target: Target, requested_by: Mapping[str, Any] | None,
                    job_id: str) -> LoadedRuntime:
@@ -329,6 +403,10 @@ class RuntimeManagerBase:
         info = await self.runtime_ready(target.engine_registry_id, target.model_registry_id)
         return loaded_from_info(info)
 
+    async def report(self, kind: str, spec: RuntimeSpec, pid: int | None) -> None:
+        """Record what a runtime's supervisor did (an ``EngineRuntime`` reporter)."""
+        await record_supervisor_report(self.backend, kind, spec, pid)
+
     # --- how runtimes are started: subclasses ------------------------------------------------
     async def start_runtime(self, spec: RuntimeSpec) -> dict[str, Any]:
         raise NotImplementedError
@@ -366,7 +444,7 @@ class ProcessRuntimeManager(RuntimeManagerBase):
         return placement
 
     async def start_runtime(self, spec: RuntimeSpec) -> dict[str, Any]:
-        runtime = EngineRuntime(spec, self.node, self.prepare, self.restart)
+        runtime = EngineRuntime(spec, self.node, self.prepare, self.restart, self.report)
         key = (spec.engine_registry_id, spec.model_registry_id)
         self.runtimes[key] = runtime
         try:

@@ -411,6 +411,11 @@ class Orchestrator:
                                                      requested_by=requested_by) for k in keys))
         return any(results)
 
+    def runtime_node(self, engine_registry_id: int, model_registry_id: int) -> str | None:
+        """The node a held, loaded runtime runs on; None when not held or still loading."""
+        rt = self._runtimes.get((engine_registry_id, model_registry_id))
+        return rt.loaded.node_id if rt is not None and rt.loaded is not None else None
+
     def forget(self, engine_registry_id: int, model_registry_id: int) -> None:
         """Drop a runtime that vanished outside this orchestrator (no unload call)."""
         self._runtimes.pop((engine_registry_id, model_registry_id), None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,8 @@ from actors.errors import NotFound
 from actors.runtime import RuntimeManagerBase, app_name
 from cluster.orchestrator import Orchestrator, Target
 from events.settings import Settings
+
+log = logging.getLogger("roundhouse.serving")
 
 
 def orchestrator_from_settings(manager: RuntimeManagerBase, settings: Settings,
@@ -36,17 +39,70 @@ def orchestrator_from_settings(manager: RuntimeManagerBase, settings: Settings,
 class Serving:
     """Runtime administration on top of one orchestrator; every method is a coroutine."""
 
-    def __init__(self, manager: RuntimeManagerBase, orchestrator: Orchestrator) -> None:
+    def __init__(self, manager: RuntimeManagerBase, orchestrator: Orchestrator, *,
+                 watch_interval_s: float = 2.0) -> None:
         self.manager = manager
         self.backend = manager.backend
         self.orchestrator = orchestrator
+        self.watch_interval_s = watch_interval_s
+        self._watcher: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        """Start the orchestrator's idle sweeper and the runtime watch (``watch_once`` every
+        ``watch_interval_s``; 0 turns the watch off). Idempotent."""
         self.orchestrator.start()
+        if self.watch_interval_s > 0 and (self._watcher is None or self._watcher.done()):
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_forever())
 
     async def close(self, unload_reason: str | None = "stop_engine") -> None:
-        """Stop the sweeper; unload every runtime (recorded with ``unload_reason``)."""
+        """Stop the watch and the sweeper; unload every runtime (recorded with
+        ``unload_reason``)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         await self.orchestrator.close(unload_reason)
+
+    async def _watch_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.watch_interval_s)
+            try:
+                await self.watch_once()
+            except Exception:
+                log.exception("runtime watch failed; retrying")
+
+    async def watch_once(self) -> dict[str, list[str]]:
+        """Follow what happened to runtimes outside this gateway; never loads anything.
+
+        - runtimes on a node the control plane recorded as lost are unloaded with
+          reason ``node_lost`` (held ones through the orchestrator, so waiting jobs
+          reload elsewhere; others straight from the view);
+        - held runtimes the view no longer lists (their supervisor gave up and the
+          runtime recorded ``crashed``) are dropped and their applications deleted.
+
+        Returns ``{node_lost, crashed}`` (application names).
+        """
+        nodes = await self.backend.call("list_nodes")
+        lost = {n["node_id"] for n in nodes if not n.get("alive", True)}
+        rows = await self.backend.call("list_loaded_models")
+        listed = {(int(r["engine_row_id"]), int(r["model_registry_id"])): r for r in rows}
+        usage = self.orchestrator.usage()
+        node_lost: list[str] = []
+        crashed: list[str] = []
+        for key, use in usage.items():
+            row = listed.get(key)
+            held_node = self.orchestrator.runtime_node(*key)
+            if held_node is not None and held_node in lost:
+                await self.orchestrator.unload(*key, reason="node_lost")
+                node_lost.append(app_name(*key))
+            elif row is None and use.get("loaded"):
+                await self.orchestrator.unload(*key, reason="crashed")
+                crashed.append(app_name(*key))
+        for key, row in listed.items():
+            if row["node_id"] in lost and key not in usage \
+                    and await self._stop_unowned(row, "node_lost", None):
+                node_lost.append(app_name(*key))
+        return {"node_lost": node_lost, "crashed": crashed}
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Control-plane passthrough (the admin API's registry routes)."""

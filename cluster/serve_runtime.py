@@ -5,7 +5,9 @@ one supervised engine process (``actors.runtime.EngineRuntime``).
 Requests do not pass through the replica: the gateway sends them to the engine URL the
 replica reports, so a runtime adds no hop to the hot path. The replica is the process
 owner: Serve keeps it alive, its health check fails once the supervisor gave up, and
-deleting the application stops the engine process group.
+deleting the application stops the engine process group. The replica records its
+supervisor's restarts (new pid) and giving up (unloaded, reason ``crashed``) with the
+control plane; the gateway's watch then removes a crashed application.
 """
 
 from __future__ import annotations
@@ -15,9 +17,17 @@ from typing import Any
 
 from ray import serve
 
+from actors.handles import control_plane_handle
 from actors.node_agent import agent_settings
-from actors.runtime import EngineRuntime, RuntimeManagerBase, RuntimeSpec, app_name
+from actors.runtime import (
+    EngineRuntime,
+    RuntimeManagerBase,
+    RuntimeSpec,
+    app_name,
+    record_supervisor_report,
+)
 from actors.runtime_types import LoadFailed, RuntimeDead
+from cluster.ray_backend import RayBackend
 from engines.node import Node
 from engines.supervisor import EngineState
 
@@ -32,7 +42,12 @@ class ModelRuntimeDeployment:
     async def __init__(self, spec: RuntimeSpec) -> None:  # type: ignore[misc]
         settings = agent_settings(spec.node_id) if spec.node_id else None
         node = Node.local(settings, node_id=spec.node_id or None)
-        self.runtime = EngineRuntime(spec, node)
+        backend = RayBackend(control_plane_handle())
+
+        async def report(kind: str, spec: RuntimeSpec, pid: int | None) -> None:
+            await record_supervisor_report(backend, kind, spec, pid)
+
+        self.runtime = EngineRuntime(spec, node, reporter=report)
         try:
             await self.runtime.start()
         except BaseException:

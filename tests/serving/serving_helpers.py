@@ -7,7 +7,8 @@ import asyncio
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,8 +112,9 @@ async def served(app: FastAPI) -> AsyncIterator[str]:
 @asynccontextmanager
 async def gateway_stack(tmp: Path, *, model_path: Path, node: Node | None = None,
                         record: dict[str, Any] | None = None, prepare: Any = None,
-                        **orch: Any) -> AsyncIterator[Stack]:
-    """A full in-process gateway: control plane, process runtime manager, orchestrator."""
+                        watch_interval_s: float = 0.0, **orch: Any) -> AsyncIterator[Stack]:
+    """A full in-process gateway: control plane, process runtime manager, orchestrator
+    (its runtime watch off unless ``watch_interval_s`` is given)."""
     settings = Settings(home=tmp / "home")
     node = node or Node(facts=NodeFacts(node_id="node-a", cpu_count=2),
                         settings=Settings.from_env({}, engine_root=str(tmp / "engines")))
@@ -122,7 +124,8 @@ async def gateway_stack(tmp: Path, *, model_path: Path, node: Node | None = None
         restart=RestartPolicy(initial_backoff_s=0.1, max_restarts=3),
         ready_timeout_s=120)
     orch.setdefault("sweep_interval_s", 0.05)
-    serving = Serving(manager, orchestrator_from_settings(manager, settings, **orch))
+    serving = Serving(manager, orchestrator_from_settings(manager, settings, **orch),
+                      watch_interval_s=watch_interval_s)
     app = build_app(serving, gateway_auth())
     stack = Stack(sdk=sdk, serving=serving, manager=manager, engine_id=eid, model_id=mid,
                   node=node)
@@ -134,6 +137,19 @@ async def gateway_stack(tmp: Path, *, model_path: Path, node: Node | None = None
         await serving.close("stop_engine")
         await manager.close()
         await sdk.close()
+
+
+async def wait_for(probe: Callable[[], Awaitable[Any]], what: str, timeout_s: float = 60.0,
+                   interval_s: float = 0.05) -> Any:
+    """Poll ``probe`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await probe()
+        if last:
+            return last
+        await asyncio.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}; last: {last!r}")
 
 
 def pid_alive(pid: int) -> bool:

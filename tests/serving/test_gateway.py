@@ -18,6 +18,7 @@ from serving_helpers import (
     fake_preparer,
     gateway_stack,
     pid_alive,
+    wait_for,
 )
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
@@ -171,6 +172,65 @@ async def test_killed_engine_gives_a_clean_error_then_is_restarted(
         runtime = st.manager.runtimes[(st.engine_id, st.model_id)]
         assert runtime.supervisor is not None and runtime.supervisor.pid != pid
         assert runtime.supervisor.restarts == 1
+        new_pid = runtime.supervisor.pid
+
+        async def view_has_new_pid() -> bool:
+            rows = await loaded(st)
+            return bool(rows) and rows[0]["pid"] == new_pid
+
+        await wait_for(view_has_new_pid, "the view to show the restarted pid", 30)
+        restarts = await st.sdk.audit.events(event_name="model.restarted")
+        assert len(restarts) == 1
+
+
+async def test_supervisor_giving_up_is_recorded_crashed_and_the_next_request_reloads(
+        tmp_path: Path, model_file: Path) -> None:
+    async with gateway_stack(tmp_path, model_path=model_file, prepare=fake_preparer(),
+                             watch_interval_s=0.05) as st:
+        client = openai.AsyncOpenAI(base_url=st.url + "/v1", api_key="unused", max_retries=0)
+        await client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+        runtime = st.manager.runtimes[(st.engine_id, st.model_id)]
+        sup = runtime.supervisor
+        assert sup is not None
+        for _ in range(4):  # the policy allows 3 restarts; the 4th crash is final
+            pid = sup.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+
+            async def moved_on(old: int = pid) -> bool:
+                pid_now = sup.pid
+                return sup.state.value == "failed" or (
+                    sup.state.value == "ready" and pid_now is not None and pid_now != old)
+
+            await wait_for(moved_on, "the supervisor to restart or give up", 30, 0.02)
+        assert sup.state.value == "failed"
+
+        async def unloaded() -> bool:
+            return await loaded(st) == [] and st.serving.orchestrator.usage() == {}
+
+        await wait_for(unloaded, "the crashed runtime to leave the view and the gateway", 30)
+        unloads = await st.sdk.audit.events(event_name="model.unloaded")
+        assert [e["data"]["reason"] for e in unloads] == ["crashed"]
+        answer = await client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+        assert answer.choices[0].message.content
+        assert st.serving.orchestrator.loads == 2
+
+
+async def test_runtimes_on_a_lost_node_are_unloaded_with_reason_node_lost(
+        tmp_path: Path, model_file: Path) -> None:
+    async with gateway_stack(tmp_path, model_path=model_file, prepare=fake_preparer(),
+                             watch_interval_s=0.05) as st:
+        client = openai.AsyncOpenAI(base_url=st.url + "/v1", api_key="unused", max_retries=0)
+        await client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+        pid = int((await loaded(st))[0]["pid"])  # type: ignore[call-overload]
+        assert await st.sdk.nodes.lost(st.node.facts.node_id, "test: the node went away")
+
+        async def unloaded() -> bool:
+            return await loaded(st) == [] and not pid_alive(pid)
+
+        await wait_for(unloaded, "the lost node's runtime to be unloaded", 30)
+        unloads = await st.sdk.audit.events(event_name="model.unloaded")
+        assert [e["data"]["reason"] for e in unloads] == ["node_lost"]
 
 
 async def test_unknown_model_and_bad_bodies_get_openai_errors(

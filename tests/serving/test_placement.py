@@ -62,3 +62,33 @@ def test_ties_are_broken_by_node_id_and_candidates_accept_dataclasses() -> None:
 def test_unknown_strategy_is_refused() -> None:
     with pytest.raises(NoPlacement, match="spread, pack"):
         choose_node([node("a", 1)], None, strategy="random")
+
+
+def gpu_estimate(vram_gib: float, ram_gib: float = 1) -> ResourceEstimate:
+    return ResourceEstimate(provider="llamacpp", context_length=2048,
+                            requested_context_length=2048, weights_bytes=int(vram_gib * GiB),
+                            kv_cache_bytes=0, compute_bytes=0, vram_bytes=int(vram_gib * GiB),
+                            ram_bytes=int(ram_gib * GiB), gpu_layers=-1, kv_cache_type="f16")
+
+
+def with_ray_gpus(row: dict[str, object], gpus: float) -> dict[str, object]:
+    facts = dict(row["facts"])  # type: ignore[call-overload]
+    facts["ray_resources"] = {"CPU": 2.0, "GPU": gpus}
+    return {**row, "facts": facts}
+
+
+def test_gpu_estimate_goes_to_the_node_with_logical_gpus_even_without_gpu_facts() -> None:
+    rows = [with_ray_gpus(node("cpu", 20), 0), with_ray_gpus(node("sim-gpu", 4), 1)]
+    placed = choose_node(rows, gpu_estimate(2))
+    assert placed.node_id == "sim-gpu" and placed.num_gpus == 1
+    assert "logical GPUs" in placed.reason
+    assert choose_node(rows, cpu_estimate(2)).node_id == "cpu"  # CPU loads: most free RAM
+    with pytest.raises(NoPlacement, match="Ray reports no GPU"):
+        choose_node(rows[:1], gpu_estimate(2))
+
+
+def test_physical_gpus_are_capped_by_what_ray_offers() -> None:
+    rows = [with_ray_gpus(node("two", 8, gpus=2), 1)]
+    with pytest.raises(NoPlacement, match="Ray offers 1"):
+        choose_node(rows, gpu_estimate(20))  # needs both 16 GiB GPUs; Ray lends one
+    assert choose_node(rows, gpu_estimate(10)).gpu_indices == (0,)
