@@ -19,10 +19,8 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from cluster.client import SDK, LocalBackend, open_local
+from cluster.client import LocalBackend, open_local
 from engines.node import Node
-from engines.plan import InstallProgress
-from engines.registry import get_provider
 from events.settings import Settings
 
 
@@ -38,38 +36,6 @@ def show(title: str, payload: Any) -> None:
     print(json.dumps(payload, indent=2, default=str))
 
 
-async def install_here(sdk: SDK, node: Node, engine_id: int, request: str) -> None:
-    """What a node agent does for one install request, done in this process."""
-    row = await sdk.models.engine_registry.get(engine_id)
-    provider = get_provider(row["provider"])
-    plan = provider.plan_install(row["config"], node)
-    await sdk.nodes.install_started(engine_id, node.facts.node_id, request,
-                                    plan=plan.model_dump(mode="json"))
-    last = 0.0
-    loop_start = time.monotonic()
-    events: list[tuple[float, str]] = []
-
-    def progress(report: InstallProgress) -> None:
-        fraction = report.fraction if report.fraction is not None else last
-        events.append((fraction, f"{report.stage}: {report.message}"))
-        print(f"  install {fraction:5.0%}  {report.stage}: {report.message}", file=sys.stderr)
-
-    try:
-        record = await asyncio.to_thread(provider.install, plan, progress)
-    except Exception as exc:
-        await sdk.nodes.install_failed(engine_id, node.facts.node_id, request, str(exc))
-        raise
-    for fraction, message in events:
-        if fraction - last >= 0.25:
-            await sdk.nodes.install_progress(engine_id, node.facts.node_id, request, fraction,
-                                             message)
-            last = fraction
-    await sdk.nodes.install_succeeded(engine_id, node.facts.node_id, request,
-                                      record.engine_version, record.model_dump(mode="json"))
-    print(f"  installed in {time.monotonic() - loop_start:.1f}s: {record.engine_version}",
-          file=sys.stderr)
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--home", help="store directory (default: ROUNDHOUSE_HOME)")
@@ -82,7 +48,7 @@ async def main() -> None:
     assert isinstance(backend, LocalBackend)
     print(f"store: {settings.home} (events.sqlite + views.sqlite)")
     try:
-        node = Node.local(settings)
+        node = Node.local(settings, node_id=backend.control_plane.source_node_id)
         await sdk.nodes.joined(node.facts.node_id, node.facts.model_dump(mode="json"))
         existing = [r for r in await sdk.models.engine_registry.list() if r["name"] == "local"]
         who = {"user_id": 1, "organization_id": 1}
@@ -95,7 +61,12 @@ async def main() -> None:
         started = await sdk.engines.begin_install(engine["id"], requested_by=who,
                                                   task_id="walkthrough")
         show("begin_install", started)
-        await install_here(sdk, node, engine["id"], started["event"]["event_id"])
+        # No Ray here: this process plays its node's agent and runs the due install.
+        print("installing llama.cpp on this node (the first time compiles it: minutes)",
+              file=sys.stderr)
+        began = time.monotonic()
+        await sdk.engines.sync_runtime()
+        print(f"install finished in {time.monotonic() - began:.1f}s", file=sys.stderr)
         show("install_status", await sdk.engines.install_status(engine["id"]))
         show("activation requirements", await sdk.engines.activation_requirements(engine["id"]))
         show("activate_instance", await sdk.engines.activate_instance(engine["id"],
