@@ -467,14 +467,11 @@ class ControlPlane:
         """The latest ``engine.install.requested`` event of a row, as a payload."""
         rid = _check_int_id(engine_registry_id, "engine_registry_id")
         with self.views.connect() as conn:
-            found = views.audit_events(conn, engine_registry_id=rid,
-                                       event_name="engine.install.requested",
-                                       limit=1_000_000)
-        if not found:
+            last = views.latest_event(conn, rid, "engine.install.requested")
+        if last is None:
             raise NotFound(f"engine {rid} has no install request; start one with "
                            "sdk.engines.begin_install")
-        last = found[-1]
-        data = last["data"]
+        data = last.data
         return {
             "event_id": data["event_id"],
             "event_name": "engine.install.requested",
@@ -485,7 +482,7 @@ class ControlPlane:
             "force": data["force"],
             "source_node_id": data["source_node_id"],
             "requested_by": data["requested_by"],
-            "requested_at": last["timestamp"],
+            "requested_at": last.timestamp,
             "task_id": data["task_id"],
         }
 

@@ -148,6 +148,15 @@ def runtime_rows(conn: Connection, engine_row_id: int | None = None,
     return list(conn.execute(query))
 
 
+def latest_event(conn: Connection, engine_registry_id: int, event_name: str) -> Any | None:
+    """The newest audit row of one event kind for one engine, or None."""
+    a = t.audit_log
+    return conn.execute(
+        select(a).where(a.c.engine_row_id == engine_registry_id)
+        .where(a.c.event_name == event_name).order_by(a.c.position.desc()).limit(1)
+    ).first()
+
+
 def audit_events(conn: Connection, *, engine_registry_id: int | None = None,
                  model_registry_id: int | None = None, user_id: int | str | None = None,
                  organization_id: int | str | None = None, node_id: str | None = None,
