@@ -47,8 +47,17 @@ class Cluster:
     info: dict[str, Any] = field(default_factory=dict)
 
     def sdk(self) -> SDK:
-        """The SDK backed by the control-plane actor."""
-        return SDK(RayBackend(self.control, owns_ray=self.embedded))
+        """The SDK backed by the control-plane actor; when the gateway runs, with
+        ``sdk.ai`` and the runtime methods of ``sdk.engines`` (``list_loaded_models``,
+        ``unload_loaded_model``, ``stop_engine``, ``list_active_jobs``, ``sync_runtime``)
+        reaching it through its Serve handle."""
+        sdk = SDK(RayBackend(self.control, owns_ray=self.embedded))
+        from cluster.serve_gateway import GatewayServing, gateway_running
+        from cluster.serve_sdk import attach_serving
+
+        if gateway_running():
+            attach_serving(sdk, GatewayServing())
+        return sdk
 
 
 def _init_ray(address: str | None, num_cpus: int | None) -> bool:
@@ -88,7 +97,8 @@ def start(address: str | None = None, settings: Settings | None = None, *,
 
 def connect(address: str | None = None, settings: Settings | None = None, *,
             num_cpus: int | None = None) -> SDK:
-    """The same SDK as ``cluster.client.open_local``, backed by the actors.
+    """The same SDK as ``cluster.client.open_local``, backed by the actors (plus the serving
+    methods when the gateway runs: see ``Cluster.sdk``).
 
     With no address an embedded single-node Ray is started (closing the SDK shuts it
     down); with ``"auto"`` or a Ray address the running cluster is used and the

@@ -1,7 +1,9 @@
 """The ``roundhouse`` command.
 
-    roundhouse up [--address ADDR]      start a Ray head here (or attach) and the control plane
-    roundhouse down [--address ADDR]    remove the control plane; stop a head `up` started
+    roundhouse up [--address ADDR] [--port N]   start a Ray head here (or attach), the control
+                                        plane and the gateway; prints its URL and admin token
+    roundhouse down [--address ADDR]    unload runtimes, remove the gateway and the control
+                                        plane; stop a head `up` started
     roundhouse status                   the control plane and the nodes
     roundhouse engines list|create|show|activate
     roundhouse install ID [--force] [--wait]   with a live per-node progress table
@@ -82,15 +84,29 @@ def _print_json(value: Any) -> None:
 def up(address: str | None = AddressOption,
        num_cpus: int | None = typer.Option(None, help="CPUs of the head started here."),
        num_gpus: int | None = typer.Option(None, help="GPUs of the head started here."),
-       port: int | None = typer.Option(None, help="GCS port of the head (default: a free one)."),
+       port: int | None = typer.Option(
+           None, help="Gateway port (default: ROUNDHOUSE_GATEWAY_PORT, 8765)."),
+       host: str | None = typer.Option(
+           None, help="Gateway address (default: ROUNDHOUSE_GATEWAY_HOST, 127.0.0.1)."),
+       gateway: bool = typer.Option(True, help="Start the HTTP gateway too."),
+       ray_port: int | None = typer.Option(
+           None, help="GCS port of the head started here (default: a free one)."),
        dashboard_port: int | None = typer.Option(
            None, help="Dashboard/job-submission port of the head (default: a free one)."),
        ) -> None:
-    """Start a Ray head on this machine (or attach to ADDRESS) and the control plane."""
+    """Start a Ray head on this machine (or attach to ADDRESS), the control plane and the
+    gateway; print the gateway URL and the admin token (generated once, kept in
+    ROUNDHOUSE_HOME/api_token)."""
     from cluster.bootstrap import start
     from cluster.head import Head, start_head, stop_head
 
     settings = Settings.from_env()
+    updates: dict[str, Any] = {}
+    if port is not None:
+        updates["gateway_port"] = port
+    if host is not None:
+        updates["gateway_host"] = host
+    settings = settings.model_copy(update=updates)
     head = None
     if address is None:
         existing = Head.load(settings.home)
@@ -98,19 +114,23 @@ def up(address: str | None = AddressOption,
             address = existing.address
         else:
             try:
-                head = start_head(num_cpus=num_cpus, num_gpus=num_gpus, port=port,
+                head = start_head(num_cpus=num_cpus, num_gpus=num_gpus, port=ray_port,
                                   dashboard_port=dashboard_port)
             except (RuntimeError, FileNotFoundError) as exc:
                 _fail(str(exc), 1)
             assert head is not None
             head.save(settings.home)
             address = head.address
-    try:
-        cluster = start(address, settings)
-    except (ConnectionError, TimeoutError) as exc:
+
+    def undo() -> None:
         if head is not None:
             stop_head(head)
             (settings.home / "cluster.json").unlink(missing_ok=True)
+
+    try:
+        cluster = start(address, settings)
+    except (ConnectionError, TimeoutError) as exc:
+        undo()
         _fail(str(exc), 1)
     recorded = head or Head.load(settings.home)
     typer.echo(f"control plane up on node {cluster.info['node_id']} at {address}; "
@@ -118,16 +138,34 @@ def up(address: str | None = AddressOption,
     if recorded is not None:
         typer.echo(f"submit jobs with: ray job submit --address {recorded.dashboard_url} "
                    "--working-dir . -- python scripts/install_engine_job.py ...")
+    if gateway:
+        from cluster.gateway_auth import TOKEN_FILE, admin_token
+        from cluster.serve_gateway import start_gateway
+
+        token = admin_token(settings, create=True)
+        try:
+            url = start_gateway(settings)
+        except Exception as exc:  # Serve's errors vary; the user needs the message
+            undo()
+            _fail(f"the gateway did not start on {settings.gateway_host}:"
+                  f"{settings.gateway_port} ({exc}); pick another port with --port", 1)
+        typer.echo(f"gateway: {url}  (OpenAI API under {url}/v1, admin API under {url}/api)")
+        if settings.api_token:
+            typer.echo("admin token: the value of ROUNDHOUSE_API_TOKEN")
+        else:
+            typer.echo(f"admin token: {token}  (kept in {settings.home / TOKEN_FILE})")
 
 
 @app.command()
 def down(address: str | None = AddressOption) -> None:
-    """Remove the control plane and the node agents (the store is kept); stop the Ray head
-    that `roundhouse up` started here."""
+    """Unload every runtime (reason ``stop_engine``), remove the gateway, the control plane and
+    the node agents (the store is kept); stop the Ray head that `roundhouse up` started
+    here."""
     import ray
 
     from cluster.bootstrap import stop
     from cluster.head import Head, stop_head
+    from cluster.serve_gateway import stop_gateway
 
     settings = Settings.from_env()
     head = Head.load(settings.home)
@@ -137,6 +175,7 @@ def down(address: str | None = AddressOption) -> None:
     assert target is not None
     try:
         ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False)
+        stop_gateway()
         stop(None, remove_control_plane=True)
     except ConnectionError as exc:
         typer.echo(f"roundhouse: the cluster at {target} does not answer ({exc})", err=True)

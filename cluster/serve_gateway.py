@@ -96,6 +96,31 @@ class GatewayServing:
         return await self.handle.serving_call.remote(method, args, kwargs)
 
 
+def gateway_running() -> bool:
+    """True when this Ray cluster runs Serve with the ``roundhouse-gateway`` application
+    (never starts Serve)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+    except Exception:
+        return False
+    if client is None:
+        return False
+    with contextlib.suppress(Exception):
+        return GATEWAY_APP in serve.status().applications
+    return False
+
+
+def gateway_url() -> str | None:
+    """The URL the running gateway listens on, or None."""
+    if not gateway_running():
+        return None
+    with contextlib.suppress(Exception):
+        return str(serve.get_app_handle(GATEWAY_APP).url.remote().result(timeout_s=30))
+    return None
+
+
 def start_gateway(settings: Settings, node_id: str | None = None) -> str:
     """Deploy the gateway on ``node_id`` (default: this driver's node) and return its URL.
 

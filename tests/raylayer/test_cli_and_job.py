@@ -14,10 +14,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from ray_helpers import ray_test_env
 
-from cluster.head import Head, _pids_under, stop_head
+from cluster.head import Head, _pids_under, free_port, stop_head
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -35,6 +36,8 @@ def head_env(tmp_path_factory: pytest.TempPathFactory, llamacpp_env: object) -> 
     home = tmp_path_factory.mktemp("cli-home")
     env = {**os.environ, **ray_test_env(home)}
     env.pop("RAY_ADDRESS", None)
+    env.pop("ROUNDHOUSE_API_TOKEN", None)
+    env["ROUNDHOUSE_GATEWAY_PORT"] = str(free_port())
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     try:
         yield env
@@ -50,6 +53,12 @@ def test_up_job_submit_cli_and_down(head_env: dict[str, str]) -> None:
     assert up.returncode == 0, up.stdout + up.stderr
     head = Head.load(home)
     assert head is not None and "ray job submit" in up.stdout
+    port = head_env["ROUNDHOUSE_GATEWAY_PORT"]
+    assert f"gateway: http://127.0.0.1:{port}" in up.stdout, up.stdout
+    token = (home / "api_token").read_text().strip()
+    assert f"admin token: {token}" in up.stdout
+    refused = httpx.get(f"http://127.0.0.1:{port}/api/engines", timeout=30)
+    assert refused.status_code == 401
 
     job = _run([str(BIN / "ray"), "job", "submit", "--address", head.dashboard_url,
                 "--working-dir", ".", "--", "python", "scripts/install_engine_job.py",
@@ -62,6 +71,9 @@ def test_up_job_submit_cli_and_down(head_env: dict[str, str]) -> None:
     rows = {r["name"]: r for r in json.loads(listed.stdout)}
     assert rows["job-llamacpp"]["status"] == "active"
 
+    admin = httpx.get(f"http://127.0.0.1:{port}/api/engines", timeout=30,
+                      headers={"Authorization": f"Bearer {token}"})
+    assert admin.status_code == 200 and "job-llamacpp" in admin.text
     rid = str(rows["job-llamacpp"]["id"])
     installed = _run([str(BIN / "roundhouse"), "install", rid, "--wait"], head_env)
     assert installed.returncode == 0, installed.stdout + installed.stderr
@@ -75,3 +87,5 @@ def test_up_job_submit_cli_and_down(head_env: dict[str, str]) -> None:
     assert down.returncode == 0, down.stdout + down.stderr
     assert Head.load(home) is None
     assert _pids_under(head.temp_dir, int(head.address.rsplit(":", 1)[1])) == []
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)

@@ -54,9 +54,17 @@ async def test_runtime_is_a_pinned_serve_app_and_answers_through_the_gateway(
     assert (await sdk.engines.activate_instance(row["id"]))["status"] == "active"
     await sdk.models.model_registry.create(
         name="smollm2", source={"type": "local", "path": str(smollm2_path)})
+    assert not hasattr(sdk, "ai")  # no gateway yet: no serving methods
     url = await asyncio.to_thread(start_gateway, cluster.settings)  # type: ignore[attr-defined]
     serving = GatewayServing()
     assert await serving.call("list_loaded_models") == []
+    served = cluster.sdk()  # type: ignore[attr-defined]
+    provider = await served.ai.get_provider_by_model_registry_id(1)
+    assert await served.engines.list_loaded_models() == []  # the handle loads nothing
+    synced = await served.engines.sync_runtime()
+    assert synced["runtime"] == {"status": "ok", "removed_apps": [], "marked_unloaded": []}
+    assert await served.engines.list_loaded_models() == []  # sync never preloads
+    assert provider.model == "smollm2"
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused")
     answer = await client.chat.completions.create(
         model="smollm2", messages=[{"role": "user", "content": "Say hello."}],
