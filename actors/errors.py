@@ -20,7 +20,8 @@ class BadInput(RoundhouseError, ValueError):
 
 
 class LifecycleFieldRefused(BadInput):
-    pass
+    """``engine_registry.update`` was asked to set a lifecycle field; the message names the
+    method that owns it."""
 
 
 class NotFound(RoundhouseError, LookupError):
@@ -32,4 +33,4 @@ class Conflict(RoundhouseError):
 
 
 class DuplicateName(Conflict):
-    pass
+    """The name is held by another row of the same kind."""

@@ -34,7 +34,7 @@ class InvalidTransition(DomainError):
 
 
 class BadRequester(DomainError):
-    pass
+    """``requested_by`` is not ``{user_id, organization_id[, actor]}``."""
 
 
 def requested_by_payload(requested_by: Mapping[str, Any] | None) -> dict[str, Any]:

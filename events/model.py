@@ -107,7 +107,7 @@ RUNTIME_COMMANDS: dict[str, set[RuntimeState]] = {
 
 
 class BadUnloadReason(DomainError):
-    pass
+    """An unload named a reason outside ``UNLOAD_REASONS``."""
 
 
 class ModelRuntime(Aggregate):
