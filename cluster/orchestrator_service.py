@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from actors.errors import NotFound
-from actors.runtime import RuntimeManagerBase, app_name
+from actors.runtime import DEFAULT_CONTEXT, RuntimeManagerBase, app_name
 from cluster.orchestrator import Orchestrator, Target
 from events.settings import Settings
 
@@ -53,6 +53,20 @@ class Serving:
         self.orchestrator.start()
         if self.watch_interval_s > 0 and (self._watcher is None or self._watcher.done()):
             self._watcher = asyncio.get_running_loop().create_task(self._watch_forever())
+            self.orchestrator._spawn(self._warm_estimates())
+
+    async def _warm_estimates(self) -> None:
+        """Read every registered model's metadata once, off the request path: the first
+        memory estimate of a GGUF parses its whole tokenizer (seconds), later ones hit
+        the control plane's cache, so a cold load does not pay it."""
+        with contextlib.suppress(Exception):
+            for model in await self.backend.call("list_models"):
+                kinds = [k for k in model.get("engine_kinds") or [] if k in ("llamacpp",
+                                                                              "vllm")]
+                if kinds:
+                    with contextlib.suppress(Exception):
+                        await self.backend.call("evaluate_model_resources", model["id"],
+                                                DEFAULT_CONTEXT, None, provider=kinds[0])
 
     async def close(self, unload_reason: str | None = "stop_engine") -> None:
         """Stop the watch and the sweeper; unload every runtime (recorded with

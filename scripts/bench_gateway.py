@@ -12,7 +12,15 @@ Prints, for SmolLM2-135M on llama.cpp (threads = cores - 1):
 The gateway here is the same uvicorn + FastAPI + orchestrator stack the Serve gateway
 replica runs, in a thread of this process; the engine is a supervised process.
 
+With ``--deployed URL`` it measures a running gateway instead (``bash scripts/main.sh``
+or ``roundhouse up`` with ``smollm2`` registered): the Serve gateway replica and the
+engine process of a pinned runtime application, found through ``/api/loaded-models``
+(admin token: ``--token``, else ``ROUNDHOUSE_HOME/api_token``). The cold figure is then
+the gateway's alone (unload through ``/api``, then the first token), with no by-hand
+baseline.
+
     .venv/bin/python scripts/bench_gateway.py [--rounds 10] [--max-tokens 64]
+    .venv/bin/python scripts/bench_gateway.py --deployed http://127.0.0.1:8765
 """
 
 from __future__ import annotations
@@ -115,12 +123,80 @@ class GatewayThread:
         self.thread.join(10)
 
 
+def warm_rounds(http: httpx.Client, gateway_url: str, engine_url: str, rounds: int,
+                max_tokens: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """TTFTs and tokens/s, direct vs gateway, alternating which goes first."""
+    stream_once(http, engine_url, 8)
+    ttfts: dict[str, list[float]] = {"direct": [], "gateway": []}
+    rates: dict[str, list[float]] = {"direct": [], "gateway": []}
+    for i in range(rounds):
+        order = [("direct", engine_url), ("gateway", gateway_url)]
+        for name, url in order if i % 2 == 0 else order[::-1]:
+            t, r, _ = stream_once(http, url, max_tokens)
+            ttfts[name].append(t)
+            rates[name].append(r)
+    return ttfts, rates
+
+
+def report_warm(ttfts: dict[str, list[float]], rates: dict[str, list[float]]) -> None:
+    med = statistics.median
+    tok_ratio = med(rates["gateway"]) / med(rates["direct"])
+    ttft_delta_ms = (med(ttfts["gateway"]) - med(ttfts["direct"])) * 1000
+    print(f"tokens/s   direct p50 {med(rates['direct']):.1f}   gateway p50 "
+          f"{med(rates['gateway']):.1f}   ratio {tok_ratio:.3f}x   (target >= 0.95x)")
+    print(f"TTFT p50   direct {med(ttfts['direct']) * 1000:.1f} ms   gateway "
+          f"{med(ttfts['gateway']) * 1000:.1f} ms   overhead {ttft_delta_ms:+.1f} ms   "
+          "(target <= 10 ms)")
+
+
+def deployed(url: str, token: str | None, rounds: int, max_tokens: int,
+             cold_rounds: int) -> None:
+    """Measure a running gateway (see the module docstring)."""
+    url = url.rstrip("/")
+    if token is None:
+        path = Settings.from_env().home / "api_token"
+        if not path.is_file():
+            sys.exit(f"no admin token: pass --token or run `roundhouse up` ({path} is missing)")
+        token = path.read_text().strip()
+    http = httpx.Client(timeout=300)
+    admin = {"Authorization": f"Bearer {token}"}
+    try:
+        cold: list[float] = []
+        for _ in range(cold_rounds):
+            for row in http.get(url + "/api/loaded-models", headers=admin).json():
+                if row["model"] == "smollm2":
+                    http.delete(f"{url}/api/loaded-models/{row['engine_row_id']}/"
+                                f"{row['model_registry_id']}", headers=admin).raise_for_status()
+            ttft, _, _ = stream_once(http, url, 4)
+            cold.append(ttft)
+        stream_once(http, url, 4)
+        loaded = http.get(url + "/api/loaded-models", headers=admin)
+        loaded.raise_for_status()
+        rows = [r for r in loaded.json() if r["model"] == "smollm2" and r["url"]]
+        if not rows:
+            sys.exit("smollm2 is not loaded after a request; is it registered and active?")
+        ttfts, rates = warm_rounds(http, url, rows[0]["url"], rounds, max_tokens)
+    finally:
+        http.close()
+    print(f"deployed gateway {url}  rounds={rounds} max_tokens={max_tokens} "
+          f"model=SmolLM2-135M Q4_1 on node {rows[0]['node_id'][:12]}")
+    report_warm(ttfts, rates)
+    print(f"cold first token through the deployed gateway (unloaded model: placement, "
+          f"Serve application start, engine start, first token) p50 "
+          f"{statistics.median(cold):.2f} s over {len(cold)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--cold-rounds", type=int, default=3)
+    ap.add_argument("--deployed", metavar="URL", help="measure this running gateway")
+    ap.add_argument("--token", help="admin token of --deployed (default: the stored one)")
     args = ap.parse_args()
+    if args.deployed:
+        deployed(args.deployed, args.token, args.rounds, args.max_tokens, args.cold_rounds)
+        return
 
     work = Path(tempfile.mkdtemp(prefix="rh-bench-gateway-"))
     base = Settings.from_env()
@@ -173,31 +249,18 @@ def main() -> None:
         # --- warm: same engine process, direct vs gateway, alternated ----------------------
         stream_once(http, gateway.url, 4)  # load it and keep it (keep-alive -1)
         engine_url = gateway.run(gateway.serving.list_loaded_models())[0]["url"]
-        stream_once(http, engine_url, 8)
-        ttfts: dict[str, list[float]] = {"direct": [], "gateway": []}
-        rates: dict[str, list[float]] = {"direct": [], "gateway": []}
-        for i in range(args.rounds):
-            order = [("direct", engine_url), ("gateway", gateway.url)]
-            for name, url in order if i % 2 == 0 else order[::-1]:
-                t, r, _ = stream_once(http, url, args.max_tokens)
-                ttfts[name].append(t)
-                rates[name].append(r)
+        ttfts, rates = warm_rounds(http, gateway.url, engine_url, args.rounds,
+                                   args.max_tokens)
     finally:
         gateway.close()
         http.close()
         sdk_loop.run_until_complete(sdk.close())
 
     med = statistics.median
-    tok_ratio = med(rates["gateway"]) / med(rates["direct"])
-    ttft_delta_ms = (med(ttfts["gateway"]) - med(ttfts["direct"])) * 1000
     cold_ratio = med(cold_gw) / med(cold_hand)
     print(f"rounds={args.rounds} max_tokens={args.max_tokens} engine=llama.cpp "
           f"{record.engine_version} model=SmolLM2-135M Q4_1")
-    print(f"tokens/s   direct p50 {med(rates['direct']):.1f}   gateway p50 "
-          f"{med(rates['gateway']):.1f}   ratio {tok_ratio:.3f}x   (target >= 0.95x)")
-    print(f"TTFT p50   direct {med(ttfts['direct']) * 1000:.1f} ms   gateway "
-          f"{med(ttfts['gateway']) * 1000:.1f} ms   overhead {ttft_delta_ms:+.1f} ms   "
-          "(target <= 10 ms)")
+    report_warm(ttfts, rates)
     print(f"cold first token   gateway (unloaded model) {med(cold_gw):.2f} s   by hand "
           f"(supervisor start + request) {med(cold_hand):.2f} s   ratio {cold_ratio:.2f}x   "
           "(target <= 1.5x)")

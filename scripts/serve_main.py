@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shlex
 import signal
@@ -138,6 +139,16 @@ def main() -> int:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
+            work = loop.create_task(serve())
+            stopped = loop.create_task(stop.wait())
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():  # Ctrl-C while installing or loading: stop at once
+                work.cancel()
+            stopped.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+
+        async def serve() -> None:
             sdk = cluster.sdk()
             await wait_for_node(sdk)
             engine = await ensure_engine(sdk)
