@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,7 +273,7 @@ def loaded_from_info(info: Mapping[str, Any]) -> LoadedRuntime:
                          app_name=str(info.get("app_name", "")))
 
 
-class RuntimeManagerBase:
+class RuntimeManagerBase(ABC):
     """Resolution, placement and event recording shared by every way of starting runtimes."""
 
     def __init__(self, backend: Backend, *, placement_strategy: str = "spread",
@@ -408,15 +409,18 @@ class RuntimeManagerBase:
         await record_supervisor_report(self.backend, kind, spec, pid)
 
     # --- how runtimes are started: subclasses ------------------------------------------------
+    @abstractmethod
     async def start_runtime(self, spec: RuntimeSpec) -> dict[str, Any]:
-        raise NotImplementedError
+        """Start ``spec``'s engine on its node; return its ``info()`` once it answers."""
 
+    @abstractmethod
     async def stop_runtime(self, engine_registry_id: int, model_registry_id: int) -> None:
-        raise NotImplementedError
+        """Stop that runtime's engine process (no error if it is not running)."""
 
+    @abstractmethod
     async def runtime_ready(self, engine_registry_id: int,
                             model_registry_id: int) -> dict[str, Any]:
-        raise NotImplementedError
+        """Wait until that runtime's engine answers again; its ``info()``."""
 
     async def running_apps(self) -> set[str] | None:
         """Names of the runtime applications that exist; None where unknowable."""
