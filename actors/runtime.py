@@ -18,12 +18,14 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import socket
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from actors.errors import NotFound, RoundhouseError
 from actors.placement import NoPlacement, Placement, choose_node
@@ -255,7 +257,10 @@ class EngineRuntime:
                 raise RuntimeDead(f"the {self.spec.provider} process of {self.spec.model_name} "
                                   "is gone and its supervisor gave up; the next request "
                                   "loads it again")
-            if sup.state is EngineState.READY and sup.pid is not None:
+            # READY alone is not enough right after a crash: the dying process closes its
+            # socket a moment before the supervisor can see it exit.
+            if sup.state is EngineState.READY and sup.pid is not None and \
+                    await asyncio.to_thread(_accepts_connections, sup.url):
                 return self.info()
             if time.monotonic() > deadline:
                 raise RuntimeDead(f"{self.spec.model_name} did not become ready again in time")
@@ -265,6 +270,17 @@ class EngineRuntime:
         self._started = False  # an asked-for stop is not a crash
         if self.supervisor is not None:
             await self.supervisor.astop()
+
+
+def _accepts_connections(url: str) -> bool:
+    """Whether something listens at ``url``'s host and port."""
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80),
+                                      timeout=1.0):
+            return True
+    except OSError:
+        return False
 
 
 def loaded_from_info(info: Mapping[str, Any]) -> LoadedRuntime:

@@ -199,11 +199,11 @@ async def test_supervisor_giving_up_is_recorded_crashed_and_the_next_request_rel
 
             async def moved_on(old: int = pid) -> bool:
                 pid_now = sup.pid
-                return sup.state.value == "failed" or (
+                return sup.state.value in ("failed", "stopped") or (
                     sup.state.value == "ready" and pid_now is not None and pid_now != old)
 
             await wait_for(moved_on, "the supervisor to restart or give up", 30, 0.02)
-        assert sup.state.value == "failed"
+        assert sup.state.value in ("failed", "stopped")  # stopped once the watch reacts
 
         async def unloaded() -> bool:
             return await loaded(st) == [] and st.serving.orchestrator.usage() == {}
