@@ -5,11 +5,12 @@ behind; a second start reuses the stored rows."""
 from __future__ import annotations
 
 import os
+import queue
 import re
-import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +40,17 @@ class MainJob:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             start_new_session=True)
         self.lines: list[str] = []
+        # A thread reads the output: a selector on a buffered pipe misses lines that
+        # arrived in the same chunk as the one before.
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
 
     def wait_for_line(self, pattern: str, timeout_s: float = 300.0) -> re.Match[str]:
         """The first output line matching ``pattern``; fails with the output so far."""
@@ -46,20 +58,16 @@ class MainJob:
         for line in self.lines:
             if (found := regex.search(line)) is not None:
                 return found
-        assert self.proc.stdout is not None
-        selector = selectors.DefaultSelector()
-        selector.register(self.proc.stdout, selectors.EVENT_READ)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not selector.select(timeout=1.0):
-                if self.proc.poll() is not None:
-                    break
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                item = self._queue.get(timeout=min(left, 1.0))
+            except queue.Empty:
                 continue
-            line = self.proc.stdout.readline()
-            if not line:
+            if item is None:
                 break
-            self.lines.append(line.rstrip("\n"))
-            if (found := regex.search(line)) is not None:
+            self.lines.append(item)
+            if (found := regex.search(item)) is not None:
                 return found
         raise AssertionError(f"no line matching {pattern!r}; output:\n" + "\n".join(self.lines))
 
@@ -68,11 +76,18 @@ class MainJob:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            out, _ = self.proc.communicate(timeout=180)
+            self.proc.wait(timeout=180)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            out, _ = self.proc.communicate()
-        self.lines.extend((out or "").splitlines())
+            self.proc.wait()
+        self._reader.join(timeout=30)
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if line is not None:
+                self.lines.append(line)
         return int(self.proc.returncode)
 
 
