@@ -24,6 +24,8 @@ from projections import tables as t
 log = logging.getLogger(__name__)
 
 PROJECTION = "views"
+#: How an install row's ``last_error`` starts while its node is lost.
+NODE_LOST = "node lost: "
 
 #: Public, dotted names of the events, as the audit log and the SDK show them.
 EVENT_NAMES: dict[str, str] = {
@@ -417,17 +419,24 @@ class Projector:
     def _node_rejoined(self, conn: Connection, e: Any, when: str) -> None:
         self._update_node(conn, e, when, facts=e.facts, alive=True, lost_reason="",
                           joined_at=when)
+        node = self._node_of(conn, str(e.originator_id))
+        conn.execute(
+            update(t.node_installs)
+            .where(t.node_installs.c.node_id == node)
+            .where(t.node_installs.c.last_error.startswith(NODE_LOST))
+            .values(last_error="", updated_at=when)
+        )
 
     def _node_lost(self, conn: Connection, e: Any, when: str) -> None:
         self._update_node(conn, e, when, alive=False, lost_reason=e.reason)
         node = self._node_of(conn, str(e.originator_id))
-        # An install that was still running there will not finish: say so on its row.
+        # Every install row of the node says so (a failed install keeps its own error).
         self._drain(conn)
         conn.execute(
             update(t.node_installs)
             .where(t.node_installs.c.node_id == node)
-            .where(t.node_installs.c.status.in_(["pending", "installing"]))
-            .values(last_error=f"node lost: {e.reason}", updated_at=when)
+            .where(t.node_installs.c.status != "error")
+            .values(last_error=f"{NODE_LOST}{e.reason}", updated_at=when)
         )
 
     # -- models ----------------------------------------------------------------------------

@@ -168,6 +168,15 @@ async def test_lost_node_row_says_so_and_stops_counting(sdk: SDK) -> None:
     assert "node lost: worker terminated" in lost["last_error"]
     assert status["summary"] == {"pending": 0, "installing": 0, "installed": 1, "error": 0}
     assert status["status"] == "installed"
+    # An installed row of a lost node says so too, and a rejoin clears it.
+    await sdk.nodes.lost("node-a", "maintenance")
+    rows = {n["node_id"]: n for n in (await sdk.engines.install_status(row["id"]))["nodes"]}
+    assert rows["node-a"]["status"] == "installed"
+    assert rows["node-a"]["last_error"] == "node lost: maintenance"
+    await sdk.nodes.joined("node-a", {})
+    rows = {n["node_id"]: n for n in (await sdk.engines.install_status(row["id"]))["nodes"]}
+    assert rows["node-a"]["last_error"] == "" and rows["node-a"]["alive"] is True
+    assert (await sdk.audit.verify())["differences"] == []
 
 
 async def test_request_install_by_provider_returns_the_event(sdk: SDK) -> None:

@@ -266,7 +266,8 @@ async def test_removed_node_is_lost_and_a_new_node_installs(sdk: SDK, sim: SimCl
     assert "left the Ray cluster" in node["lost_reason"]
     status = await sdk.engines.install_status(rid)
     row = next(n for n in status["nodes"] if n["node_id"] == gone)
-    assert row["alive"] is False  # (a row still running there would also say so in last_error)
+    assert row["alive"] is False
+    assert row["last_error"].startswith("node lost: ")
     assert status["status"] == "installed"  # lost rows do not count
     assert gone not in ray.get(control_plane_handle().agents.remote())
 
