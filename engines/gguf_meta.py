@@ -2,8 +2,8 @@
 
 Two formats are understood:
 
-* GGUF files (llama.cpp): read with the ``gguf`` package's ``GGUFReader``; the
-  architecture-prefixed keys (``llama.block_count`` …) give the shape, the
+* GGUF files (llama.cpp): scanned by ``engines.gguf_scan`` (tensor types from the
+  ``gguf`` package); the architecture-prefixed keys (``llama.block_count`` …) give the shape, the
   tensor table gives the byte sizes, per layer.
 * Hugging Face safetensors model directories (vLLM): ``config.json`` gives the
   shape; each ``*.safetensors`` header (an 8-byte little-endian length followed
@@ -20,6 +20,8 @@ import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from engines.gguf_scan import GgufHeader, scan_gguf
 
 ModelFormat = Literal["gguf", "safetensors"]
 
@@ -94,20 +96,13 @@ class ModelMeta:
 # --- GGUF --------------------------------------------------------------------------
 
 
-def _field_value(reader: Any, key: str) -> Any:
-    """The scalar (or list) value of a GGUF key, or None when absent."""
-    fld = reader.fields.get(key)
-    if fld is None:
-        return None
-    value = fld.contents()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return value
+def _field_value(header: GgufHeader, key: str) -> Any:
+    """The scalar (or short list) value of a GGUF key, or None when absent."""
+    return header.values.get(key)
 
 
-def _array_len(reader: Any, key: str) -> int | None:
-    fld = reader.fields.get(key)
-    return None if fld is None else len(fld.data)
+def _array_len(header: GgufHeader, key: str) -> int | None:
+    return header.array_lengths.get(key)
 
 
 _GGUF_CACHE: dict[tuple[str, int, int], ModelMeta] = {}
@@ -116,8 +111,9 @@ _GGUF_CACHE: dict[tuple[str, int, int], ModelMeta] = {}
 def read_gguf_meta(path: str | Path) -> ModelMeta:
     """Read a GGUF file's architecture, shape and tensor sizes.
 
-    Results are cached per (path, size, mtime): ``GGUFReader`` parses every
-    tokenizer entry, which takes seconds for a large vocabulary.
+    The header is scanned without materializing the tokenizer arrays
+    (``engines.gguf_scan``: milliseconds, where ``GGUFReader`` takes seconds for a
+    large vocabulary); results are cached per (path, size, mtime).
 
     Raises ModelMetadataError when the file is not GGUF, is truncated, or lacks
     a key every llama.cpp model has (``general.architecture``,
@@ -139,7 +135,7 @@ def read_gguf_meta(path: str | Path) -> ModelMeta:
 
 
 def _read_gguf_uncached(p: Path) -> ModelMeta:
-    from gguf import GGUFReader, LlamaFileType
+    from gguf import LlamaFileType
 
     with p.open("rb") as fh:
         magic = fh.read(4)
@@ -149,7 +145,7 @@ def _read_gguf_uncached(p: Path) -> ModelMeta:
             "convert the model to GGUF or give the path of a .gguf file"
         )
     try:
-        reader = GGUFReader(p)
+        reader = scan_gguf(p)
     except Exception as exc:
         raise ModelMetadataError(
             f"{p} could not be parsed as GGUF ({type(exc).__name__}: {exc}); "
