@@ -203,17 +203,19 @@ async def test_supervisor_giving_up_is_recorded_crashed_and_the_next_request_rel
                     sup.state.value == "ready" and pid_now is not None and pid_now != old)
 
             await wait_for(moved_on, "the supervisor to restart or give up", 30, 0.02)
-        assert sup.state.value in ("failed", "stopped")  # stopped once the watch reacts
+        assert sup.state.value in ("failed", "stopped"), sup.state  # stopped once the watch reacts
 
         async def unloaded() -> bool:
             return await loaded(st) == [] and st.serving.orchestrator.usage() == {}
 
         await wait_for(unloaded, "the crashed runtime to leave the view and the gateway", 30)
         unloads = await st.sdk.audit.events(event_name="model.unloaded")
-        assert [e["data"]["reason"] for e in unloads] == ["crashed"]
+        runtime_log = [e["event_name"] for e in await st.sdk.audit.events(
+            model_registry_id=st.model_id)]
+        assert [e["data"]["reason"] for e in unloads] == ["crashed"], runtime_log
         answer = await client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
         assert answer.choices[0].message.content
-        assert st.serving.orchestrator.loads == 2
+        assert st.serving.orchestrator.loads == 2, runtime_log
 
 
 async def test_runtimes_on_a_lost_node_are_unloaded_with_reason_node_lost(
