@@ -95,7 +95,7 @@ class _ProgressBar:
         self.close()
 
     def close(self) -> None:
-        pass
+        """Nothing to release: this bar only forwards counts to the callback."""
 
     def __getattr__(self, attr: str) -> Callable[..., None]:
         # set_description, refresh, set_postfix_str, update_transfer...: display-only calls.
