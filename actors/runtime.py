@@ -87,12 +87,10 @@ def rss_bytes(pid: int | None) -> int:
     """Resident memory of ``pid`` from /proc (0 where unknown)."""
     if pid is None:
         return 0
-    try:
+    with contextlib.suppress(OSError, ValueError, IndexError):  # gone, or no /proc
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
     return 0
 
 

@@ -7,6 +7,7 @@ what a node agent reports.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
@@ -22,15 +23,13 @@ from events.settings import Settings
 
 def _meminfo() -> dict[str, int]:
     out: dict[str, int] = {}
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                key, _, rest = line.partition(":")
-                parts = rest.split()
-                if parts:
-                    out[key] = int(parts[0]) * 1024
-    except OSError:
-        pass
+    # No /proc (not Linux): no memory facts.
+    with contextlib.suppress(OSError), open("/proc/meminfo", encoding="ascii") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts:
+                out[key] = int(parts[0]) * 1024
     return out
 
 
